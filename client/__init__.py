@@ -1,0 +1,1 @@
+"""Hospital side of the federation (installed as ``tdamil.client``)."""

@@ -1,0 +1,1 @@
+"""Coordinator side of the federation (installed as ``tdamil.server``)."""
