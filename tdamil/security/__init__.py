@@ -1,0 +1,1 @@
+"""Transport security, site authentication and differential privacy for the federation."""
