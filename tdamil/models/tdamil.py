@@ -1,0 +1,295 @@
+"""TDA-MIL (Reisenbuechler et al., MICCAI 2025) and its bottom-up-only ablation.
+
+Equations (SPEC.md section 1), for one bag ``X`` of ``n`` patch features in ``R^{n x D}``:
+
+1. ``x_0 = [CLS; X W_in]`` (one linear layer ``D -> d``, learnable CLS token).
+2. Step I (bottom-up): ``x_BU = LN(Blocks(x_0))`` with ``L`` pre-norm blocks
+   (:class:`~tdamil.models.layers.Block`).
+3. Feature selection: ``s_i = clamp(cos(x_i,BU, T), 0, 1)`` with a learnable task token ``T``;
+   ``x_i,TD = Dec(C (s_i x_i,BU))`` with a learnable ``C in R^{d x d}`` and an MLP decoder ``Dec``.
+4. Step II (top-down): the blocks run again on ``x_0``; in every block queries and keys come from
+   the bottom-up stream and values from the stream plus the top-down signal:
+   ``Attn(Q = W_Q LN1(h), K = W_K LN1(h), V = W_V(LN1(h) + x_TD))``. A linear head on the final
+   (normalised) CLS token gives the logits.
+
+Where the paper leaves a choice open it is a field of :class:`TDAMILConfig` (documented there).
+Two structural choices are fixed here and worth knowing:
+
+* Step II starts again from ``x_0`` (as in the analysis-by-synthesis top-down attention TDA-MIL builds
+  on), and the same ``x_TD`` enters the values of every block. Hence, when ``x_TD = 0`` (e.g.
+  ``C = 0``) and weights are shared, step II reproduces step I exactly.
+* The decoder has no biases by default, so a patch with ``s_i = 0`` sends no top-down signal.
+
+Bag size is never capped, cropped or sampled: attention runs through
+:func:`torch.nn.functional.scaled_dot_product_attention`, whose memory grows linearly with ``n``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tdamil.models.layers import Attention, AttentionImpl, Block, Mlp
+from tdamil.models.output import MILOutput
+
+__all__ = ["TransformerMILConfig", "TDAMILConfig", "TransformerMIL", "TDAMIL", "TDAMILTrace", "check_bag_input"]
+
+
+@dataclass
+class TransformerMILConfig:
+    """Plain transformer MIL: TDA-MIL's projection, CLS token and step I, no top-down pass.
+
+    Attributes:
+        name: ``"transformer_mil"``.
+        dim: token width ``d`` after the input projection (paper: not stated; 512).
+        depth: number of transformer blocks ``L`` (2).
+        num_heads: attention heads ``h`` (8); ``dim`` must be divisible by it.
+        mlp_ratio: hidden width of each block's MLP as a multiple of ``dim``. 2.0 rather than ViT's 4.0:
+            MIL bags have 5k-100k tokens, and the MLP activations dominate activation memory at that
+            size (each 4.0-MLP layer would hold ``n x 4d`` floats twice for backward).
+        dropout: dropout after the input projection, after attention's output projection and inside
+            the MLPs (0.0). There is no attention-matrix dropout on purpose: it would force PyTorch's
+            ``n x n`` math kernel.
+        input_norm: LayerNorm over the raw ``D``-dim features before the projection (False).
+        input_dropout: dropout on the raw features before the projection (0.0).
+        qkv_bias: biases in the q/k/v projections (True).
+        attention: ``"sdpa"`` (memory-efficient kernels, default) or ``"explicit"`` (reference
+            ``softmax(QK^T/sqrt(d_k))V`` with an ``n x n`` matrix; for tests and the benchmark only).
+    """
+
+    name: Literal["transformer_mil"] = "transformer_mil"
+    dim: int = 512
+    depth: int = 2
+    num_heads: int = 8
+    mlp_ratio: float = 2.0
+    dropout: float = 0.0
+    input_norm: bool = False
+    input_dropout: float = 0.0
+    qkv_bias: bool = True
+    attention: Literal["sdpa", "explicit"] = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.dim < 1 or self.depth < 1 or self.num_heads < 1:
+            raise ValueError("dim, depth and num_heads must be positive whole numbers")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        for key in ("dropout", "input_dropout"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{key} must be in [0, 1), got {value}")
+
+
+@dataclass
+class TDAMILConfig(TransformerMILConfig):
+    """TDA-MIL. Inherits every field of :class:`TransformerMILConfig` and adds the top-down ones.
+
+    Attributes:
+        name: ``"tdamil"``.
+        share_weights: step II reuses step I's blocks and final LayerNorm (True, as in the top-down
+            attention work TDA-MIL builds on). False gives step II its own, independently initialised
+            blocks and norm.
+        channel_init: initial value of the channel matrix ``C``: ``"identity"`` (default) or
+            ``"zeros"`` (the model then starts as a plain transformer and learns the top-down path).
+        select_cls: whether the CLS token takes part in feature selection (gets its own ``s`` and a
+            top-down signal). False (default): only patches are scored; the CLS token's ``x_TD`` is 0.
+        decoder_ratio: hidden width of the top-down MLP decoder as a multiple of ``dim`` (2.0).
+        decoder_bias: biases in the decoder (False, so ``s_i = 0`` gives ``x_i,TD = 0``).
+    """
+
+    name: Literal["tdamil"] = "tdamil"  # type: ignore[assignment]
+    share_weights: bool = True
+    channel_init: Literal["identity", "zeros"] = "identity"
+    select_cls: bool = False
+    decoder_ratio: float = 2.0
+    decoder_bias: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.decoder_ratio <= 0:
+            raise ValueError(f"decoder_ratio must be > 0, got {self.decoder_ratio}")
+
+
+def check_bag_input(
+    x: torch.Tensor, mask: torch.Tensor | None, in_dim: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate ``x`` ``[B, n, D]`` (a single ``[n, D]`` bag is accepted as ``B = 1``) and ``mask``.
+
+    Returns ``(x, mask)`` with ``mask`` as bool ``[B, n]`` or ``None`` when absent.
+    """
+    if x.dim() == 2:
+        x = x.unsqueeze(0)
+        mask = None if mask is None else mask.reshape(1, -1)
+    if x.dim() != 3:
+        raise ValueError(f"expected patch features of shape [B, n, D], got {tuple(x.shape)}")
+    if x.shape[-1] != in_dim:
+        raise ValueError(
+            f"features have {x.shape[-1]} channels but the model was built for in_dim={in_dim}; "
+            "were the features made with a different encoder than the model expects?"
+        )
+    if x.shape[1] == 0:
+        raise ValueError("empty bag: a slide needs at least one patch (check its tissue mask / feature file)")
+    if mask is not None:
+        if mask.shape != x.shape[:2]:
+            raise ValueError(f"mask must have shape [B, n] = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+        mask = mask.to(device=x.device, dtype=torch.bool)
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError("every bag in the batch needs at least one real patch (mask True)")
+    return x, mask
+
+
+class TransformerMIL(nn.Module):
+    """Transformer MIL: projection + CLS + ``L`` pre-norm blocks + LayerNorm + linear head on CLS.
+
+    This is TDA-MIL without the top-down pass (the ``transformer_mil`` ablation); parameter names are
+    shared with :class:`TDAMIL`.
+    """
+
+    def __init__(self, cfg: TransformerMILConfig, in_dim: int, num_classes: int) -> None:
+        super().__init__()
+        if in_dim < 1 or num_classes < 1:
+            raise ValueError(f"in_dim and num_classes must be positive, got {in_dim}, {num_classes}")
+        self.cfg = cfg
+        self.in_dim = in_dim
+        self.num_classes = num_classes
+        d = cfg.dim
+        self.input_norm = nn.LayerNorm(in_dim) if cfg.input_norm else nn.Identity()
+        self.input_drop = nn.Dropout(cfg.input_dropout)
+        self.proj = nn.Linear(in_dim, d)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.proj_drop = nn.Dropout(cfg.dropout)
+        self.blocks = self._make_blocks(cfg)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, num_classes)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    @staticmethod
+    def _make_blocks(cfg: TransformerMILConfig) -> nn.ModuleList:
+        attention: AttentionImpl = cfg.attention
+        return nn.ModuleList(
+            Block(cfg.dim, cfg.num_heads, cfg.mlp_ratio, cfg.dropout, cfg.qkv_bias, attention)
+            for _ in range(cfg.depth)
+        )
+
+    def set_attention(self, impl: AttentionImpl) -> None:
+        """Switch every attention layer between ``"sdpa"`` and ``"explicit"`` (same weights)."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.impl = impl
+
+    def embed(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x`` ``[B, n, D]`` -> tokens ``x_0 = [CLS; X W_in]`` ``[B, n+1, d]`` and their mask."""
+        h = self.proj_drop(self.proj(self.input_drop(self.input_norm(x))))
+        cls = self.cls_token.expand(h.shape[0], -1, -1)
+        tokens = torch.cat([cls, h], dim=1)
+        token_mask = None
+        if mask is not None:
+            token_mask = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
+        return tokens, token_mask
+
+    @staticmethod
+    def run_blocks(
+        blocks: nn.ModuleList,
+        tokens: torch.Tensor,
+        token_mask: torch.Tensor | None,
+        td: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        h = tokens
+        for block in blocks:
+            h = block(h, td=td, mask=token_mask)
+        return h
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
+        """``x`` float ``[B, n, D]``; ``mask`` bool ``[B, n]`` (True = real patch)."""
+        x, mask = check_bag_input(x, mask, self.in_dim)
+        tokens, token_mask = self.embed(x, mask)
+        h = self.norm(self.run_blocks(self.blocks, tokens, token_mask))
+        return MILOutput(logits=self.head(h[:, 0]), scores=None)
+
+
+@dataclass
+class TDAMILTrace:
+    """Intermediate tensors of one TDA-MIL forward pass (for tests, heatmaps and debugging).
+
+    ``tokens`` = ``x_0`` ``[B, n+1, d]``; ``x_bu`` = step-I output after LayerNorm ``[B, n+1, d]``;
+    ``scores`` = ``s_i`` ``[B, n]`` (patches only, 0 at padding); ``cls_score`` = ``s_CLS`` ``[B]``
+    or ``None`` when the CLS token does not take part; ``x_td`` ``[B, n+1, d]``; ``x_out`` = step-II
+    output after LayerNorm ``[B, n+1, d]``; ``logits`` ``[B, c]``.
+    """
+
+    tokens: torch.Tensor
+    x_bu: torch.Tensor
+    scores: torch.Tensor
+    cls_score: torch.Tensor | None
+    x_td: torch.Tensor
+    x_out: torch.Tensor
+    logits: torch.Tensor
+
+
+class TDAMIL(TransformerMIL):
+    """Top-Down Attention MIL. See the module docstring for the equations.
+
+    Learnable top-down parameters: ``task_token`` (``T``, shape ``[d]``), ``channel_matrix``
+    (``C``, ``[d, d]``), ``decoder`` (MLP); with ``share_weights=False`` also ``blocks_td`` and
+    ``norm_td``.
+    """
+
+    def __init__(self, cfg: TDAMILConfig, in_dim: int, num_classes: int) -> None:
+        super().__init__(cfg, in_dim, num_classes)
+        self.cfg: TDAMILConfig = cfg
+        d = cfg.dim
+        self.task_token = nn.Parameter(torch.empty(d))
+        nn.init.trunc_normal_(self.task_token, std=0.02)
+        init = torch.eye(d) if cfg.channel_init == "identity" else torch.zeros(d, d)
+        self.channel_matrix = nn.Parameter(init)
+        self.decoder = Mlp(d, max(1, int(round(d * cfg.decoder_ratio))), d, drop=cfg.dropout, bias=cfg.decoder_bias)
+        # Shared weights are not registered twice, so state_dict() has no duplicate keys.
+        self.blocks_td: nn.ModuleList | None = None if cfg.share_weights else self._make_blocks(cfg)
+        self.norm_td: nn.LayerNorm | None = None if cfg.share_weights else nn.LayerNorm(d)
+
+    def select(self, x_bu: torch.Tensor, token_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature selection: ``s = clamp(cos(x_BU, T), 0, 1)`` and ``x_TD = Dec(C (s x_BU))``.
+
+        Returns ``(s, x_td)`` with ``s`` ``[B, n+1]`` (index 0 = CLS, 0 unless ``select_cls``; 0 at
+        padding) and ``x_td`` ``[B, n+1, d]`` (0 wherever ``s`` does not apply).
+        """
+        s = F.cosine_similarity(x_bu, self.task_token.view(1, 1, -1), dim=-1, eps=1e-8).clamp(0.0, 1.0)
+        keep = torch.ones_like(s, dtype=torch.bool) if token_mask is None else token_mask.clone()
+        if not self.cfg.select_cls:
+            keep[:, 0] = False
+        s = s * keep
+        rescaled = (s.unsqueeze(-1) * x_bu) @ self.channel_matrix.t()
+        x_td = self.decoder(rescaled) * keep.unsqueeze(-1)
+        return s, x_td
+
+    def forward_trace(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> TDAMILTrace:
+        """Run the model and return every intermediate (see :class:`TDAMILTrace`)."""
+        x, mask = check_bag_input(x, mask, self.in_dim)
+        tokens, token_mask = self.embed(x, mask)
+        x_bu = self.norm(self.run_blocks(self.blocks, tokens, token_mask))  # step I
+        s, x_td = self.select(x_bu, token_mask)
+        blocks_td = self.blocks if self.blocks_td is None else self.blocks_td
+        norm_td = self.norm if self.norm_td is None else self.norm_td
+        x_out = norm_td(self.run_blocks(blocks_td, tokens, token_mask, td=x_td))  # step II
+        return TDAMILTrace(
+            tokens=tokens,
+            x_bu=x_bu,
+            scores=s[:, 1:],
+            cls_score=s[:, 0] if self.cfg.select_cls else None,
+            x_td=x_td,
+            x_out=x_out,
+            logits=self.head(x_out[:, 0]),
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
+        """``x`` float ``[B, n, D]``; ``mask`` bool ``[B, n]`` (True = real patch).
+
+        Returns :class:`MILOutput` with ``scores = s_i`` over the patches (``[B, n]``, in ``[0, 1]``).
+        """
+        trace = self.forward_trace(x, mask)
+        return MILOutput(logits=trace.logits, scores=trace.scores)
