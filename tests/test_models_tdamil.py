@@ -1,0 +1,255 @@
+"""TDA-MIL against its equations (SPEC.md section 1), computed directly in this file.
+
+The reference below uses explicit softmax attention, hand-written LayerNorm and GELU, and the
+model's parameters; it shares no code with ``tdamil.models``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tdamil.models import TDAMIL, TDAMILConfig, create_model, model_config_from_dict
+
+IN_DIM, DIM, HEADS, CLASSES = 12, 16, 4, 3
+
+
+def _model(**fields) -> TDAMIL:
+    torch.manual_seed(0)
+    cfg = model_config_from_dict({"name": "tdamil", "dim": DIM, "depth": 2, "num_heads": HEADS, **fields})
+    model = create_model(cfg, in_dim=IN_DIM, num_classes=CLASSES).double().eval()
+    # Random (not identity) C and non-trivial LayerNorm affine, so the reference really checks them.
+    with torch.no_grad():
+        model.channel_matrix.add_(0.3 * torch.randn(DIM, DIM, dtype=torch.double))
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+# ----------------------------------------------------------------------------- reference
+def ref_layer_norm(x, ln):
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
+
+
+def ref_linear(x, lin):
+    out = x @ lin.weight.T
+    return out if lin.bias is None else out + lin.bias
+
+
+def ref_gelu(x):
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def ref_mlp(x, mlp):
+    return ref_linear(ref_gelu(ref_linear(x, mlp.fc1)), mlp.fc2)
+
+
+def ref_attention(x_qk, x_v, attn, key_mask):
+    """softmax(Q K^T / sqrt(d_k)) V per head, then W_O. ``key_mask`` [n] bool (True = real)."""
+    n, d = x_qk.shape
+    h = attn.num_heads
+    dk = d // h
+    q, k, v = ref_linear(x_qk, attn.q), ref_linear(x_qk, attn.k), ref_linear(x_v, attn.v)
+    heads = []
+    for i in range(h):
+        sl = slice(i * dk, (i + 1) * dk)
+        logits = q[:, sl] @ k[:, sl].T / math.sqrt(dk)
+        logits = logits.masked_fill(~key_mask[None, :], float("-inf"))
+        weights = torch.exp(logits - logits.max(-1, keepdim=True).values)
+        weights = weights / weights.sum(-1, keepdim=True)
+        heads.append(weights @ v[:, sl])
+    return ref_linear(torch.cat(heads, dim=-1), attn.proj)
+
+
+def ref_block(x, blk, key_mask, td=None):
+    h = ref_layer_norm(x, blk.norm1)
+    x = x + ref_attention(h, h if td is None else h + td, blk.attn, key_mask)
+    return x + ref_mlp(ref_layer_norm(x, blk.norm2), blk.mlp)
+
+
+def reference(model: TDAMIL, X: torch.Tensor, n_real: int) -> dict[str, torch.Tensor]:
+    """One bag ``X`` [n, D] whose first ``n_real`` rows are real, by the paper's equations."""
+    cfg = model.cfg
+    key_mask = torch.tensor([True] + [i < n_real for i in range(X.shape[0])])
+    tokens = torch.cat([model.cls_token[0], ref_linear(X, model.proj)], dim=0)  # x_0 = [CLS; X W_in]
+    h = tokens
+    for blk in model.blocks:  # step I
+        h = ref_block(h, blk, key_mask)
+    x_bu = ref_layer_norm(h, model.norm)
+    T = model.task_token
+    cos = (x_bu @ T) / (x_bu.norm(dim=-1) * T.norm())
+    s = cos.clamp(0, 1)  # s_i = clamp(cos(x_i,BU, T), 0, 1)
+    part = key_mask.clone()
+    part[0] = cfg.select_cls
+    s = torch.where(part, s, torch.zeros_like(s))
+    x_td = torch.stack([ref_mlp(model.channel_matrix @ (s[i] * x_bu[i]), model.decoder) for i in range(len(s))])
+    x_td = torch.where(part[:, None], x_td, torch.zeros_like(x_td))  # x_i,TD = Dec(C (s_i x_i,BU))
+    blocks_td = model.blocks if cfg.share_weights else model.blocks_td
+    norm_td = model.norm if cfg.share_weights else model.norm_td
+    h = tokens
+    for blk in blocks_td:  # step II: Q, K from x_BU stream, V = W_V(x_BU + x_TD)
+        h = ref_block(h, blk, key_mask, td=x_td)
+    x_out = ref_layer_norm(h, norm_td)
+    return {"tokens": tokens, "x_bu": x_bu, "s": s, "x_td": x_td, "x_out": x_out, "logits": ref_linear(x_out[0], model.head)}
+
+
+# ----------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+@pytest.mark.parametrize("share_weights,select_cls", [(True, False), (False, True)])
+def test_forward_matches_the_equations(attention, share_weights, select_cls):
+    model = _model(attention=attention, share_weights=share_weights, select_cls=select_cls)
+    torch.manual_seed(1)
+    X = torch.randn(2, 9, IN_DIM, dtype=torch.double)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False  # second bag: 6 real patches + 3 padding
+    with torch.no_grad():
+        trace = model.forward_trace(X, mask)
+    for b, n_real in enumerate((9, 6)):
+        ref = reference(model, X[b], n_real)
+        torch.testing.assert_close(trace.tokens[b], ref["tokens"])
+        torch.testing.assert_close(trace.x_bu[b, : n_real + 1], ref["x_bu"][: n_real + 1])
+        torch.testing.assert_close(trace.scores[b], ref["s"][1:])
+        if select_cls:
+            torch.testing.assert_close(trace.cls_score[b], ref["s"][0])
+        torch.testing.assert_close(trace.x_td[b], ref["x_td"])
+        torch.testing.assert_close(trace.x_out[b, : n_real + 1], ref["x_out"][: n_real + 1])
+        torch.testing.assert_close(trace.logits[b], ref["logits"])
+    # The top-down path really contributes, otherwise this test would not check step II.
+    assert trace.x_td.abs().max() > 1e-3
+    assert not torch.allclose(trace.x_out, trace.x_bu, atol=1e-4)
+
+
+def _record_projections(model: TDAMIL) -> tuple[dict[str, list[torch.Tensor]], list]:
+    calls: dict[str, list[torch.Tensor]] = {"q": [], "k": [], "v": []}
+    handles = []
+    attn = model.blocks[0].attn
+    for key in calls:
+        handles.append(getattr(attn, key).register_forward_hook(lambda m, i, o, key=key: calls[key].append(o.detach())))
+    return calls, handles
+
+
+def test_step_two_uses_the_top_down_signal_only_in_the_values():
+    model = _model()
+    X = torch.randn(1, 10, IN_DIM, dtype=torch.double)
+    calls, handles = _record_projections(model)
+    with torch.no_grad():
+        model(X)
+        with torch.no_grad():
+            model.channel_matrix.mul_(-2.0).add_(torch.randn(DIM, DIM, dtype=torch.double))
+        model(X)
+    for h in handles:
+        h.remove()
+    # calls per forward on block 0: [step I, step II]; two forwards -> 4 entries each.
+    q1, q2, q1b, q2b = calls["q"]
+    k1, k2, k1b, k2b = calls["k"]
+    v1, v2, v1b, v2b = calls["v"]
+    # Queries and keys of step II come from the bottom-up stream: same as step I, and unchanged by x_TD.
+    torch.testing.assert_close(q2, q1)
+    torch.testing.assert_close(k2, k1)
+    torch.testing.assert_close(q2b, q2)
+    torch.testing.assert_close(k2b, k2)
+    # Values of step II see x_BU + x_TD: they differ from step I and change when x_TD changes.
+    torch.testing.assert_close(v1b, v1)
+    assert not torch.allclose(v2, v1)
+    assert not torch.allclose(v2b, v2)
+    # CLS takes no part in selection by default, so its value row is the bottom-up one.
+    torch.testing.assert_close(v2[:, 0], v1[:, 0])
+
+
+def test_zero_channel_matrix_makes_step_two_equal_step_one():
+    model = _model()
+    with torch.no_grad():
+        model.channel_matrix.zero_()
+    X = torch.randn(2, 7, IN_DIM, dtype=torch.double)
+    with torch.no_grad():
+        trace = model.forward_trace(X)
+    assert torch.count_nonzero(trace.x_td) == 0
+    torch.testing.assert_close(trace.x_out, trace.x_bu)
+    # ... and TDA-MIL then equals the transformer_mil ablation with the same weights.
+    plain = create_model({"name": "transformer_mil", "dim": DIM, "depth": 2, "num_heads": HEADS}, IN_DIM, CLASSES)
+    missing, unexpected = plain.double().load_state_dict(model.state_dict(), strict=False)
+    assert not missing and set(unexpected) == {"task_token", "channel_matrix"} | {
+        k for k in model.state_dict() if k.startswith("decoder.")
+    }
+    torch.testing.assert_close(plain.eval()(X).logits, trace.logits)
+
+
+def test_scores_are_one_per_real_patch_in_unit_interval():
+    model = _model()
+    X = torch.randn(3, 50, IN_DIM, dtype=torch.double)
+    mask = torch.ones(3, 50, dtype=torch.bool)
+    mask[2, 20:] = False
+    with torch.no_grad():
+        out = model(X, mask)
+    assert out.scores.shape == (3, 50)
+    assert out.scores.min() >= 0 and out.scores.max() <= 1
+    assert torch.all(out.scores[2, 20:] == 0)
+    # Scores are not degenerate: some patches are selected, some not, at random init.
+    real = out.scores[mask]
+    assert (real > 0).any() and (real == 0).any()
+
+
+def test_gradients_reach_task_token_and_channel_matrix():
+    model = _model().float().train()
+    X = torch.randn(2, 40, IN_DIM)
+    out = model(X)
+    torch.nn.functional.cross_entropy(out.logits, torch.tensor([0, 2])).backward()
+    for name in ("task_token", "channel_matrix", "decoder.fc1.weight", "blocks.0.attn.v.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
+def test_state_dict_names_and_weight_sharing():
+    shared = create_model({"name": "tdamil", "dim": DIM, "num_heads": HEADS}, IN_DIM, CLASSES)
+    keys = list(shared.state_dict())
+    assert "task_token" in keys and "channel_matrix" in keys
+    assert not any(k.startswith(("blocks_td.", "norm_td.")) for k in keys)  # no duplicated weights
+    torch.testing.assert_close(shared.channel_matrix.detach(), torch.eye(DIM))
+    separate = create_model({"name": "tdamil", "dim": DIM, "num_heads": HEADS, "share_weights": False}, IN_DIM, CLASSES)
+    n_shared = sum(p.numel() for p in shared.parameters())
+    n_separate = sum(p.numel() for p in separate.parameters())
+    n_blocks = sum(p.numel() for p in shared.blocks.parameters()) + sum(p.numel() for p in shared.norm.parameters())
+    assert n_separate == n_shared + n_blocks
+    zeros = create_model({"name": "tdamil", "dim": DIM, "num_heads": HEADS, "channel_init": "zeros"}, IN_DIM, CLASSES)
+    assert torch.count_nonzero(zeros.channel_matrix) == 0
+
+
+def test_sdpa_and_explicit_attention_agree_in_float32():
+    """Same weights, both attention implementations: same outputs and same gradients."""
+    torch.manual_seed(3)
+    model = create_model({"name": "tdamil", "dim": 64, "num_heads": 8}, in_dim=32, num_classes=2).eval()
+    X = torch.randn(2, 300, 32)
+    mask = torch.ones(2, 300, dtype=torch.bool)
+    mask[0, 123:] = False
+    token_mask = torch.cat([torch.ones(2, 1, dtype=torch.bool), mask], dim=1)
+    results = []
+    for impl in ("sdpa", "explicit"):
+        model.set_attention(impl)
+        model.zero_grad()
+        trace = model.forward_trace(X, mask)
+        trace.logits.sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results.append((trace, grads))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a.x_out[token_mask], b.x_out[token_mask], atol=1e-4, rtol=1e-4)
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_config_rejects_invalid_values():
+    from tdamil.config import ConfigError
+
+    with pytest.raises(ConfigError, match="divisible"):
+        model_config_from_dict({"name": "tdamil", "dim": 30, "num_heads": 8})
+    with pytest.raises(ConfigError, match="channel_init"):
+        model_config_from_dict({"name": "tdamil", "channel_init": "random"})
+    with pytest.raises(ConfigError, match="dropout"):
+        model_config_from_dict({"name": "tdamil", "dropout": 1.5})
+    assert TDAMILConfig().dim == 512 and TDAMILConfig().depth == 2 and TDAMILConfig().num_heads == 8
