@@ -291,7 +291,7 @@ def train_one_epoch(
     model.train()
     optimizer.zero_grad(set_to_none=True)
     total_loss, correct, steps = 0.0, 0, 0
-    bar = _progress(range(n), cfg.progress and n >= 50, desc=f"epoch {epoch} train", leave=False, unit="bag")
+    bar = _progress(range(n), cfg.progress and n >= 500, desc=f"epoch {epoch} train", leave=False, unit="bag")
     for j in bar:
         bag = dataset[order[j]]
         x = bag.features
