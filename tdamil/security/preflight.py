@@ -1,0 +1,152 @@
+"""Checks run before the coordinator or a site starts Flower, turning TLS failures into clear advice.
+
+Flower reports a wrong CA, a plaintext server or a certificate for the wrong name as a bare
+``CERTIFICATE_VERIFY_FAILED`` / "Server disconnected" after retries. ``flwr-server`` and
+``tdamil-client`` call these functions first:
+
+* :func:`require_tls` - plaintext is refused unless the operator passed ``--insecure``;
+* :func:`check_server_tls` - the coordinator's certificate, key and CA fit together and cover
+  127.0.0.1 (and the public names);
+* :func:`check_site_security` - the site's CA file and private key are usable;
+* :func:`probe_tls` - a real TLS handshake with the SuperLink (or the proxy) the way the SuperNode
+  will do it, explaining what is wrong when it fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+from tdamil.security.certs import CertsError, _load_cert, _is_ca, check_certificate, check_site_key
+from tdamil.security.config import SiteAuthConfig, TLSConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SecurityCheckError", "require_tls", "check_server_tls", "check_site_security", "probe_tls", "split_address"]
+
+
+class SecurityCheckError(RuntimeError):
+    """A security precondition failed; the message names the file or address and the fix."""
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too) -> (host, port), with a clear error."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise SecurityCheckError(f"address {address!r} must be host:port, e.g. coordinator.example.org:9092.")
+    return host.strip("[]"), int(port)
+
+
+def require_tls(tls: TLSConfig, insecure: bool, role: Literal["server", "site"], source: str = "config") -> bool:
+    """Return whether TLS is used; refuse plaintext unless ``insecure`` was given explicitly.
+
+    Server: ``tls.ca_cert``, ``tls.cert`` and ``tls.key`` are all needed. Site: ``tls.ca_cert``.
+    """
+    needed = ("ca_cert", "cert", "key") if role == "server" else ("ca_cert",)
+    missing = [k for k in needed if getattr(tls, k) is None]
+    if insecure:
+        logger.warning(
+            "--insecure: model weights and metrics travel UNENCRYPTED. Use this only for tests on one machine."
+        )
+        return False
+    if missing:
+        what = ", ".join(f"tls.{k}" for k in missing)
+        raise SecurityCheckError(
+            f"{source}: {what} not set, and plaintext is refused. Create certificates with 'tdamil-certs init' "
+            f"(coordinator) / copy the consortium ca.pem (site) and set {what}; pass --insecure only for local tests."
+        )
+    for k in needed:
+        p = Path(getattr(tls, k))
+        if not p.is_file():
+            raise SecurityCheckError(f"{source}: tls.{k} = {p} does not exist. Fix the path or run 'tdamil-certs'.")
+    return True
+
+
+def check_server_tls(tls: TLSConfig, public_names: Sequence[str] = (), source: str = "config") -> None:
+    """The coordinator's certificate is signed by ``tls.ca_cert``, valid, matches ``tls.key`` and
+    covers 127.0.0.1 and every name in ``public_names``."""
+    require_tls(tls, insecure=False, role="server", source=source)
+    try:
+        report = None
+        for host in ["127.0.0.1", *public_names]:
+            report = check_certificate(tls.cert, tls.ca_cert, host=host, key=tls.key)
+    except CertsError as exc:
+        raise SecurityCheckError(f"{source}: {exc}") from None
+    for w in report.warnings if report else []:
+        logger.warning("%s", w)
+
+
+def check_site_security(
+    tls: TLSConfig, auth: SiteAuthConfig, insecure: bool = False, source: str = "config"
+) -> None:
+    """The site's CA certificate is a readable CA; its private key (if any) is a usable, private key."""
+    if require_tls(tls, insecure, role="site", source=source):
+        try:
+            ca = _load_cert(Path(tls.ca_cert))
+        except CertsError as exc:
+            raise SecurityCheckError(f"{source}: tls.ca_cert: {exc}") from None
+        if not _is_ca(ca):
+            raise SecurityCheckError(f"{source}: tls.ca_cert = {tls.ca_cert} is not a CA certificate; use the consortium ca.pem.")
+    if auth.private_key is not None:
+        if not Path(auth.private_key).is_file():
+            raise SecurityCheckError(f"{source}: auth.private_key = {auth.private_key} does not exist.")
+        try:
+            check_site_key(auth.private_key)
+        except CertsError as exc:
+            raise SecurityCheckError(f"{source}: auth.private_key: {exc}") from None
+
+
+def probe_tls(address: str, ca_cert: Path | str, timeout: float = 5.0, server_name: Optional[str] = None) -> str:
+    """TLS handshake with ``address`` verifying against ``ca_cert`` (as flower-supernode will).
+
+    Returns the negotiated TLS version; raises :class:`SecurityCheckError` saying what is wrong:
+    unreachable, plaintext server, certificate from another CA, name not covered, expired.
+    """
+    host, port = split_address(address)
+    name = server_name or host
+    ctx = ssl.create_default_context(cafile=str(ca_cert))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except socket.gaierror:
+        raise SecurityCheckError(f"cannot resolve {host!r}: check federation.superlink and the site's DNS.") from None
+    except (ConnectionRefusedError, socket.timeout, TimeoutError, OSError) as exc:
+        raise SecurityCheckError(
+            f"cannot reach the coordinator at {address} ({exc.__class__.__name__}: {exc}). Is it running, is the "
+            "address right, does the hospital firewall allow outbound TCP to that port?"
+        ) from None
+    try:
+        with ctx.wrap_socket(sock, server_hostname=name) as tls_sock:
+            return str(tls_sock.version())
+    except ssl.SSLCertVerificationError as exc:
+        code = getattr(exc, "verify_code", None)
+        msg = getattr(exc, "verify_message", str(exc))
+        if code == 62 or "mismatch" in str(msg).lower():
+            raise SecurityCheckError(
+                f"the coordinator's certificate does not cover {name!r} ({msg}). Dial the name in its certificate "
+                "or ask the coordinator to re-issue it with 'tdamil-certs init --server-name/--ip'."
+            ) from None
+        if code in (9, 10):
+            raise SecurityCheckError(
+                f"the coordinator's certificate at {address} is {msg}. Check this machine's clock; otherwise the "
+                "coordinator must renew it ('tdamil-certs init')."
+            ) from None
+        raise SecurityCheckError(
+            f"the certificate presented by {address} is not signed by the CA in {ca_cert} ({msg}). Get the "
+            "current ca.pem from the coordinator, or you are not talking to the coordinator."
+        ) from None
+    except ssl.SSLError as exc:
+        text = f"{exc.reason or ''} {exc}".upper()
+        if any(s in text for s in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST")):
+            raise SecurityCheckError(
+                f"{address} does not speak TLS (a plaintext server, e.g. started with --insecure). Refusing to send "
+                "model weights unencrypted: the coordinator must run with its certificate."
+            ) from None
+        raise SecurityCheckError(f"TLS handshake with {address} failed: {exc}.") from None
+    except (ConnectionResetError, socket.timeout, TimeoutError, OSError) as exc:
+        raise SecurityCheckError(
+            f"{address} closed the connection during the TLS handshake ({exc}); it may not speak TLS."
+        ) from None
