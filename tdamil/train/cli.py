@@ -180,6 +180,10 @@ def run(cfg: TrainRunConfig, *, model_override: Optional[str] = None, source: st
     from tdamil.models import create_model
 
     model_cfg = _model_section(cfg.model, model_override, source)
+    if cfg.train.num_threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.train.num_threads)
     name = model_cfg.name
     root = Path(cfg.output_dir) / name
     root.mkdir(parents=True, exist_ok=True)

@@ -81,6 +81,8 @@ class TrainConfig:
     device:                  ``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda``, ``cuda:1``...
     seed:                    seed for initial shuffling, patch subsampling and dropout (0).
     progress:                show tqdm progress bars (true).
+    num_threads:             CPU threads for torch, set by the commands (``tdamil-train``) at start
+                             (null = torch's default). 1 is fastest for small bags on a busy machine.
     """
 
     epochs: int = 50
@@ -100,6 +102,7 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     progress: bool = True
+    num_threads: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -116,6 +119,8 @@ class TrainConfig:
             raise ValueError("max_instances must be >= 1 (or null for all patches)")
         if len(self.betas) != 2:
             raise ValueError(f"betas must be two numbers, got {self.betas}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError("num_threads must be >= 1 (or null for torch's default)")
         if self.early_stopping_patience < 0 or self.warmup_epochs < 0 or self.min_epochs < 0:
             raise ValueError("early_stopping_patience, warmup_epochs and min_epochs must be >= 0")
 
