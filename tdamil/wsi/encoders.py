@@ -49,6 +49,7 @@ __all__ = [
     "load_encoder",
     "load_state_dict_file",
     "sha256_file",
+    "weights_digest",
     "TinyEncoder",
 ]
 
@@ -372,13 +373,14 @@ def _strict_load(module: nn.Module, sd: dict[str, torch.Tensor], spec: EncoderSp
 
 
 def load_encoder(name: str, weights: Optional[str | os.PathLike] = None, device: str | torch.device = "cpu",
-                 **overrides: Any) -> PatchEncoder:
+                 weights_sha256: Optional[str] = None, **overrides: Any) -> PatchEncoder:
     """Build encoder ``name`` and load its weights from the local file ``weights`` (strict).
 
     The file's sha256 is computed, logged and stored on the returned encoder
     (``weights_sha256``), and goes into every feature file it produces. Returns the encoder in
     eval mode on ``device``. Raises :class:`EncoderError` when the file is missing, unreadable
-    or does not fit the architecture.
+    or does not fit the architecture. ``weights_sha256`` skips re-hashing a file the caller
+    has just hashed with :func:`weights_digest`.
     """
     spec = get_spec(name)
     if not spec.needs_weights:
@@ -404,7 +406,7 @@ def load_encoder(name: str, weights: Optional[str | os.PathLike] = None, device:
                 f"encoder '{spec.name}' needs the Python package '{pkg}', which is not installed; install it "
                 "into this environment or choose another encoder."
             )
-    sha = sha256_file(path) if path.is_file() else _sha256_dir(path)
+    sha = weights_sha256 or weights_digest(path)
     logger.info("encoder %s: weights %s sha256 %s", spec.name, path, sha)
     if spec.name == "conch":
         backbone, embed = _load_conch(path)
@@ -421,7 +423,11 @@ def load_encoder(name: str, weights: Optional[str | os.PathLike] = None, device:
     return enc.eval().to(device)
 
 
-def _sha256_dir(path: Path) -> str:
+def weights_digest(path: str | os.PathLike) -> str:
+    """sha256 of a weights file, or of a weights folder (names + file digests, sorted)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         h.update(f.relative_to(path).as_posix().encode())

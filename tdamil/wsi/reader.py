@@ -28,6 +28,7 @@ __all__ = [
     "Slide",
     "SlideError",
     "SlideOpenError",
+    "SlideNotFoundError",
     "SlideReadError",
     "MissingMppError",
     "open_slide",
@@ -55,6 +56,10 @@ class SlideError(ValueError):
 
 class SlideOpenError(SlideError):
     """The file is missing or is not a slide any backend can read."""
+
+
+class SlideNotFoundError(SlideOpenError):
+    """There is no file where the slide was expected."""
 
 
 class SlideReadError(SlideError):
@@ -226,7 +231,7 @@ def open_slide(
     path = Path(path)
     sid = slide_id or path.stem
     if not path.exists():
-        raise SlideOpenError(
+        raise SlideNotFoundError(
             f"{path}: slide file not found. Check data.slides_dir in the site YAML or the manifest's "
             "slide_path column for this slide."
         )
