@@ -1,0 +1,71 @@
+"""QC thumbnails and score heatmaps on the real cmu slide."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from tdamil.data.h5 import write_features
+from tdamil.wsi.grid import plan_read, tissue_grid
+from tdamil.wsi.heatmap import heatmap_for_slide, save_heatmap, score_canvas
+from tdamil.wsi.qc import qc_image, save_qc_thumbnail
+from tdamil.wsi.reader import open_slide
+from tdamil.wsi.tissue import segment_tissue
+
+CMU = Path(__file__).parent / "data" / "cmu_small_region.svs"
+
+
+def _cmu():
+    with open_slide(CMU) as s:
+        tm = segment_tissue(s)
+        plan = plan_read(s)
+        coords, _ = tissue_grid(s.dimensions, plan.patch_size_level0, tm)
+    return tm, plan, coords
+
+
+def test_qc_picture_shows_grid_and_outline(tmp_path):
+    tm, plan, coords = _cmu()
+    img = qc_image(tm, coords, plan.patch_size_level0)
+    assert max(img.shape[:2]) >= 800  # small thumbnails are enlarged to be readable
+    f = img.shape[1] / tm.thumbnail.shape[1]
+    ds = tm.downsample / f
+    x, y = coords[0]
+    # the patch square's top-left corner is drawn in the patch colour, glass far away is untouched
+    corner = img[int(round(y / ds)), int(round(x / ds))]
+    assert corner.tolist() == [30, 80, 230]
+    assert (img[int(500 / ds): int(800 / ds), int(50 / ds): int(300 / ds)] > 200).all()  # glass
+    green = np.all(img == (0, 170, 0), axis=2)
+    assert green.sum() > 200  # the tissue outline
+    path = save_qc_thumbnail(tmp_path / "qc" / "cmu.png", tm, coords, plan.patch_size_level0, title="cmu")
+    png = cv2.imread(str(path))
+    assert png is not None and png.shape[0] == img.shape[0] + 28
+
+
+def test_score_canvas_places_each_score_on_its_patch():
+    coords = np.array([[0, 0], [64, 0], [0, 64]])
+    canvas = score_canvas((10, 10), coords, np.array([0.1, 0.5, 0.9]), patch_size_level0=64, downsample=16.0)
+    assert canvas[0:4, 0:4].tolist() == [[0.1] * 4] * 4
+    assert np.allclose(canvas[0:4, 4:8], 0.5) and np.allclose(canvas[4:8, 0:4], 0.9)
+    assert np.isnan(canvas[4:8, 4:8]).all() and np.isnan(canvas[:, 8:]).all()
+
+
+def test_heatmap_png_from_a_feature_file(tmp_path):
+    tm, plan, coords = _cmu()
+    n = len(coords)
+    attrs = {"patch_size_level0": plan.patch_size_level0, "name": "cmu"}
+    h5 = write_features(tmp_path / "cmu.h5", np.zeros((n, 4), np.float32), coords, attrs)
+    scores = np.linspace(0, 1, n)
+    out = heatmap_for_slide(tmp_path / "cmu_heatmap.png", CMU, h5, scores, alpha=0.6)
+    img = cv2.cvtColor(cv2.imread(str(out)), cv2.COLOR_BGR2RGB)
+    # jet: the highest score is painted red-ish, the lowest blue-ish, somewhere in the picture
+    red = (img[..., 0] > 150) & (img[..., 2] < 90)
+    blue = (img[..., 2] > 150) & (img[..., 0] < 90)
+    assert red.sum() > 50 and blue.sum() > 50
+    # attention weights: rank-normalised, different picture from the raw one
+    out2 = save_heatmap(tmp_path / "att.png", tm.thumbnail, coords, scores ** 4, plan.patch_size_level0,
+                        tm.downsample, normalize=True, label="attention")
+    out3 = save_heatmap(tmp_path / "raw.png", tm.thumbnail, coords, scores ** 4, plan.patch_size_level0,
+                        tm.downsample, label="attention")
+    assert not np.array_equal(cv2.imread(str(out2)), cv2.imread(str(out3)))
