@@ -1,0 +1,153 @@
+"""The hospital site's Flower ClientApp (Message API).
+
+``train``: load the global model, train ``local-epochs`` epochs on the site's training slides,
+evaluate on its validation slides, reply with the trained arrays + metrics. ``evaluate``: evaluate
+the global model on the validation slides. Replies carry only the model's arrays, a MetricRecord
+with fixed keys (NaN where undefined) and the site's name; slides and features never leave the
+site.
+
+Deployed, the SuperNode is started by ``tdamil-client`` with ``--node-config 'site="site_a"
+config="/abs/configs/sites/site_a.yaml"'``; each message runs this app in a fresh process, so the
+site's data are re-opened from the feature cache on disk. The simulation builds the same app with
+:func:`make_client_app` and an in-memory data provider.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from tdamil.federation.records import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    SITE,
+    WEIGHT_KEY,
+    eval_metric_keys,
+    site_record,
+    to_metric_record,
+    train_metric_keys,
+)
+from tdamil.federation.task import ModelSpec, SiteData, build_model, load_arrays, local_evaluate, local_train, model_to_arrays
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SiteRuntime", "make_client_app", "SiteConfigLoader", "app"]
+
+
+@dataclass
+class SiteRuntime:
+    """What the ClientApp needs about the site it runs at."""
+
+    name: str
+    data: SiteData
+    train_cfg: Any = None  # tdamil.train.engine.TrainConfig
+    train_mods: list = field(default_factory=list)  # e.g. DP clipping mods
+
+
+SiteProvider = Callable[[Context], SiteRuntime]
+
+
+def _compose(handler: Callable[[Message, Context], Message], mods: list) -> Callable[[Message, Context], Message]:
+    """Wrap ``handler`` in Flower mods (``mod(msg, ctx, call_next)``), first mod outermost."""
+    fn = handler
+    for mod in reversed(mods):
+        fn = (lambda m, nxt: (lambda msg, ctx: m(msg, ctx, nxt)))(mod, fn)
+    return fn
+
+
+def _spec(msg: Message, rt: SiteRuntime) -> ModelSpec:
+    spec = ModelSpec.from_json(str(msg.content[CONFIG]["model-spec"]))
+    in_dim = getattr(rt.data.train, "in_dim", None) if len(rt.data.train) else None
+    if in_dim is not None and int(in_dim) != spec.in_dim:
+        raise ValueError(
+            f"Site {rt.name}: features have dimension {in_dim} but the federation's model expects {spec.in_dim}. "
+            f"All sites must extract features with the same encoder as the coordinator's config."
+        )
+    return spec
+
+
+def make_client_app(provider: SiteProvider) -> ClientApp:
+    """A ClientApp whose site data come from ``provider(context)``."""
+    app = ClientApp()
+
+    def _train(msg: Message, context: Context, rt: SiteRuntime) -> Message:
+        cfg = msg.content[CONFIG]
+        spec = _spec(msg, rt)
+        model = build_model(spec, seed=None)
+        load_arrays(model, msg.content[ARRAYS])
+        server_round = int(cfg.get("server-round", 1))
+        logger.info("Site %s, round %d: training %d local epoch(s) on %d slides.", rt.name, server_round,
+                    int(cfg["local-epochs"]), len(rt.data.train))
+        stats = local_train(model, rt.data.train, rt.train_cfg, epochs=int(cfg["local-epochs"]), lr=float(cfg["lr"]),
+                            weight_decay=float(cfg.get("weight-decay", 1e-2)),
+                            prox_mu=float(cfg.get("proximal-mu", 0.0)), server_round=server_round)
+        val = local_evaluate(model, rt.data.val)
+        values = {WEIGHT_KEY: len(rt.data.train), **stats, **{f"val-{k}": v for k, v in val.items()}}
+        content = RecordDict({ARRAYS: model_to_arrays(model), METRICS: to_metric_record(values, train_metric_keys()),
+                              SITE: site_record(rt.name)})
+        return Message(content, reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        rt = provider(context)
+        return _compose(lambda m, c: _train(m, c, rt), rt.train_mods)(msg, context)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        rt = provider(context)
+        spec = _spec(msg, rt)
+        model = build_model(spec, seed=None)
+        load_arrays(model, msg.content[ARRAYS])
+        val = local_evaluate(model, rt.data.val)
+        values = {WEIGHT_KEY: len(rt.data.val) if rt.data.val is not None else 0, **val}
+        content = RecordDict({METRICS: to_metric_record(values, eval_metric_keys()), SITE: site_record(rt.name)})
+        return Message(content, reply_to=msg)
+
+    return app
+
+
+class SiteConfigLoader:
+    """Provider for deployed sites: reads ``node_config["config"]`` (the site YAML) once per process."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, SiteRuntime] = {}
+
+    def __call__(self, context: Context) -> SiteRuntime:
+        path = context.node_config.get("config")
+        if not path:
+            raise ValueError("This SuperNode was started without --node-config config=<site yaml>. Start it with "
+                             "`tdamil-client --site <name>`.")
+        key = str(path)
+        if key not in self._cache:
+            self._cache[key] = self._load(Path(key), str(context.node_config.get("site", "")))
+        return self._cache[key]
+
+    @staticmethod
+    def _load(path: Path, site: str) -> SiteRuntime:
+        from tdamil.client.config import load_site_config  # noqa: PLC0415
+        from tdamil.federation.data import split_datasets  # noqa: PLC0415
+
+        cfg, _ = load_site_config(path)
+        if site and site != cfg.site:
+            raise ValueError(f"{path}: the file is for site '{cfg.site}' but the SuperNode runs as '{site}'.")
+        fed = cfg.federation
+        parts = split_datasets(cfg.data, val_fraction=fed.val_fraction, test_fraction=fed.test_fraction,
+                               seed=fed.split_seed)
+        mods: list = []
+        if cfg.privacy.enabled:
+            from tdamil.security.dp import dp_client_mods  # noqa: PLC0415
+
+            mods = list(dp_client_mods(cfg.privacy))
+        return SiteRuntime(name=cfg.site, data=SiteData(cfg.site, parts["train"], parts["val"], parts["test"]),
+                           train_cfg=cfg.train, train_mods=mods)
+
+
+# The ClientApp a SuperNode loads (``tdamil.client.client_app:app`` in [tool.flwr.app.components]).
+app = make_client_app(SiteConfigLoader())

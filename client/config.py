@@ -1,0 +1,114 @@
+"""A hospital site's YAML (``configs/sites/<site>.yaml``), validated before anything starts.
+
+Sections (each owned by its component)::
+
+    site: site_a
+    data: {manifest: ..., features_dir: ..., slides_dir: ...}     # tdamil.data.config.DataConfig
+    extraction: {encoder: uni, weights: ..., ...}                 # tdamil.wsi ExtractionConfig
+    train: {...}                                                  # tdamil.train.engine.TrainConfig
+    federation: {superlink: "coordinator.example.org:9092", ...}  # SiteFederationConfig (below)
+    tls: {ca_cert: ...}                                           # tdamil.security.config.TLSConfig
+    auth: {private_key: ...}                                      # tdamil.security.config.SiteAuthConfig
+    privacy: {enabled: false, ...}                                # tdamil.security.config.PrivacyConfig
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from tdamil.config import ConfigError, from_dict, load_config
+from tdamil.data.config import DataConfig
+from tdamil.security.config import PrivacyConfig, SiteAuthConfig, TLSConfig
+from tdamil.train.engine import TrainConfig
+
+__all__ = ["SiteConfig", "SiteFederationConfig", "load_site_config", "site_config_path"]
+
+_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass
+class SiteFederationConfig:
+    """How the site reaches the coordinator.
+
+    superlink:        the coordinator's fleet address ``host:port`` (outbound connection only).
+    runtime_port:     local port of this SuperNode's runtime API on 127.0.0.1 (9094; give each site
+                      on one machine its own).
+    max_retries:      reconnection attempts before giving up (null = keep trying).
+    max_wait_time_s:  total time to keep reconnecting (null = no limit).
+    extract_missing:  extract features of slides without cached features before joining (true).
+    val_fraction / test_fraction / split_seed: patient-level split when the manifest has no
+                      ``split`` column.
+    """
+
+    superlink: str = "127.0.0.1:9092"
+    runtime_port: int = 9094
+    max_retries: Optional[int] = None
+    max_wait_time_s: Optional[float] = None
+    extract_missing: bool = True
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if ":" not in self.superlink:
+            raise ValueError(f"federation.superlink must be host:port, got {self.superlink!r}")
+        if not 0 < self.runtime_port < 65536:
+            raise ValueError("federation.runtime_port must be a TCP port (1-65535)")
+
+
+@dataclass
+class SiteConfig:
+    """The whole site YAML (see the module docstring)."""
+
+    site: str
+    data: DataConfig
+    extraction: Optional[dict[str, Any]] = None
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(progress=False))
+    federation: SiteFederationConfig = field(default_factory=SiteFederationConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    auth: SiteAuthConfig = field(default_factory=SiteAuthConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def __post_init__(self) -> None:
+        if not _SITE_NAME.match(self.site):
+            raise ValueError(f"site must be a short name of letters, digits, '_', '-' or '.', got {self.site!r}")
+
+
+def site_config_path(site: str, configs_dir: str | Path = "configs/sites") -> Path:
+    return Path(configs_dir) / f"{site}.yaml"
+
+
+def _extraction_config(data: dict[str, Any], source: str, base_dir: Path) -> Any:
+    """Validate the ``extraction:`` section with the WSI engineer's ExtractionConfig."""
+    try:
+        from tdamil.wsi.extract import ExtractionConfig  # noqa: PLC0415
+    except ImportError:  # tdamil.wsi without extraction: keep the raw mapping
+        return data
+    return from_dict(ExtractionConfig, data, source=f"{source}: extraction", base_dir=base_dir)
+
+
+def load_site_config(path: str | Path, *, check_files: bool = True) -> tuple[SiteConfig, Any]:
+    """Load and validate a site YAML; returns ``(SiteConfig, ExtractionConfig | dict | None)``.
+
+    With ``check_files`` the manifest must exist, and the TLS CA / auth key when configured.
+    """
+    path = Path(path)
+    cfg = load_config(path, SiteConfig)
+    extraction = None
+    if cfg.extraction is not None:
+        extraction = _extraction_config(cfg.extraction, str(path), path.resolve().parent)
+    if check_files:
+        if not Path(cfg.data.manifest).is_file():
+            raise ConfigError(f"{path}: 'data.manifest' file {cfg.data.manifest} not found. Fix the path "
+                              "(relative paths are relative to the YAML file).")
+        for key, value in (("tls.ca_cert", cfg.tls.ca_cert), ("auth.private_key", cfg.auth.private_key)):
+            if value is not None and not Path(value).is_file():
+                raise ConfigError(f"{path}: '{key}' file {value} not found. Copy it from the coordinator's "
+                                  "`tdamil-certs` output or fix the path.")
+    if path.stem != cfg.site:
+        # not an error: a site may keep several configs; only say so
+        pass
+    return cfg, extraction

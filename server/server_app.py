@@ -1,0 +1,117 @@
+"""The coordinator's Flower ServerApp (Message API).
+
+FedAvg (or FedProx / FedAdam / FedYogi) over the FULL model state (TDA-MIL's task token T and
+channel matrix C included), weighted by each site's number of training slides; server-side
+evaluation of the global model on held-out cohorts at round 0 and after every round; atomic
+checkpoints every round plus the best; ``resume`` continues from ``last.pt`` at the next round;
+per-site metrics CSV/JSONL, learning curves and an audit log (see :mod:`tdamil.federation.loop`).
+
+Deployed, ``flwr-server`` submits a run whose run config carries ``server-config`` (absolute path of
+the coordinator's YAML) and ``resume``; this app then runs inside Flower's ``flwr-serverapp``
+process next to the SuperLink. The simulation builds the same app with :func:`make_server_app`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from tdamil.federation.config import CheckpointConfig, FederationConfig
+from tdamil.federation.grids import PatientGrid
+from tdamil.federation.loop import RoundLoop, RunResult
+from tdamil.federation.strategies import build_strategy
+from tdamil.federation.task import ModelSpec, build_model, load_arrays, local_evaluate, model_to_arrays
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RunSetup", "make_server_app", "run_federated", "make_heldout_evaluate", "app"]
+
+
+@dataclass
+class RunSetup:
+    """Everything one federated run needs at the coordinator."""
+
+    spec: ModelSpec
+    federation: FederationConfig
+    out_dir: Path
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    heldout: dict[str, Any] = field(default_factory=dict)  # cohort -> BagDataset
+    privacy: Any = None  # tdamil.security.config.PrivacyConfig
+    resume: bool = False
+    plot: bool = True
+    result: Optional[RunResult] = None  # filled in after the run
+
+
+def make_heldout_evaluate(spec: ModelSpec, cohorts: dict[str, Any]) -> Callable[[int, ArrayRecord], dict]:
+    """``evaluate_fn(round, arrays) -> {cohort: metrics}`` for the held-out cohorts."""
+    model = build_model(spec, seed=None)
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> dict[str, dict[str, float]]:
+        load_arrays(model, arrays)
+        return {name: local_evaluate(model, ds) for name, ds in cohorts.items()}
+
+    return evaluate
+
+
+def _privacy(setup: RunSetup, strategy: Any, num_sites: int) -> tuple[Any, Optional[Callable[[int], float]]]:
+    """Wrap the strategy for DP and return an epsilon(round) function (only when enabled)."""
+    if setup.privacy is None or not getattr(setup.privacy, "enabled", False):
+        return strategy, None
+    from tdamil.security.dp import PrivacyAccountant, dp_server_strategy  # noqa: PLC0415
+
+    wrapped = dp_server_strategy(strategy, setup.privacy, num_sites)
+    accountant = PrivacyAccountant(setup.privacy, min(1.0, setup.federation.fraction_sites))
+    return wrapped, accountant.epsilon
+
+
+def run_federated(grid: Grid, setup: RunSetup) -> RunResult:
+    """Run (or resume) the federation described by ``setup`` on ``grid``."""
+    fed = setup.federation
+    strategy, epsilon_fn = _privacy(setup, build_strategy(fed), fed.min_sites)
+    evaluate_fn = make_heldout_evaluate(setup.spec, setup.heldout) if setup.heldout else None
+    loop = RoundLoop(strategy, fed, setup.spec.to_json(), setup.out_dir, ckpt=setup.checkpoint,
+                     evaluate_fn=evaluate_fn, epsilon_fn=epsilon_fn, plot=setup.plot)
+    initial = model_to_arrays(build_model(setup.spec, seed=fed.seed))
+    patient = PatientGrid(grid, min_nodes=fed.min_sites, wait_timeout=fed.wait_for_sites_s)
+    result = loop.run(patient, initial, resume=setup.resume)
+    setup.result = result
+    return result
+
+
+def make_server_app(setup_fn: Callable[[Context], RunSetup]) -> ServerApp:
+    """A ServerApp whose run is described by ``setup_fn(context)``."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federated(grid, setup_fn(context))
+
+    return server_app
+
+
+def setup_from_run_config(context: Context) -> RunSetup:
+    """Deployed runs: read the coordinator's YAML named by the run config ``server-config``."""
+    from tdamil.federation.data import cohort_datasets  # noqa: PLC0415
+    from tdamil.server.config import load_server_config  # noqa: PLC0415
+
+    path = context.run_config.get("server-config")
+    if not path:
+        raise ValueError("The run config lacks 'server-config'. Start runs with `flwr-server --config ...`.")
+    cfg = load_server_config(Path(str(path)))
+    heldout = {}
+    if cfg.evaluation.data is not None:
+        heldout = cohort_datasets(cfg.evaluation.data, cfg.evaluation.cohorts)
+    out_dir = Path(str(context.run_config.get("output-dir") or cfg.output_dir))
+    return RunSetup(spec=ModelSpec(cfg.model, cfg.in_dim, cfg.num_classes), federation=cfg.federation,
+                    out_dir=out_dir, checkpoint=cfg.checkpoint, heldout=heldout, privacy=cfg.privacy,
+                    resume=bool(context.run_config.get("resume", False)))
+
+
+# The ServerApp the SuperLink runs (``tdamil.server.server_app:app`` in [tool.flwr.app.components]).
+app = make_server_app(setup_from_run_config)

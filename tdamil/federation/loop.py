@@ -1,0 +1,246 @@
+"""The federated round loop (Flower 1.42 Message API), with resume.
+
+Flower's ``Strategy.start`` always starts at round 1 and has no resume; this loop calls the same
+strategy hooks (``configure_train`` / ``aggregate_train`` / ``configure_evaluate`` /
+``aggregate_evaluate``) with a round offset, so ``--resume`` continues from ``last.pt`` at the next
+round. Per round it also: evaluates the global model on the server's held-out cohorts (round 0 =
+the initial model, skipped on resume), writes ``last.pt`` / ``round_XXXX.pt`` / ``best.pt``
+atomically, appends per-site metrics, and writes the audit log (who took part, payload sizes,
+metrics, checkpoints with sha256, failures).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+
+from tdamil.federation.audit import AuditLog
+from tdamil.federation.checkpoint import CheckpointStore
+from tdamil.federation.config import CheckpointConfig, FederationConfig
+from tdamil.federation.grids import SitesUnavailableError
+from tdamil.federation.history import MetricsHistory, plot_learning_curves
+from tdamil.federation.records import payload_bytes, reply_metrics, reply_site
+from tdamil.federation.strategies import restore_strategy_state, strategy_state
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RoundLoop", "RunResult"]
+
+EvaluateFn = Callable[[int, ArrayRecord], dict[str, dict[str, float]]]
+
+
+@dataclass
+class RunResult:
+    arrays: ArrayRecord
+    first_round: int
+    last_round: int
+    failed_rounds: list[int] = field(default_factory=list)
+    out_dir: Path | None = None
+
+
+class RoundLoop:
+    """Runs rounds ``start..cfg.rounds`` of one federated run.
+
+    ``evaluate_fn(round, arrays)`` returns ``{cohort: metrics}`` for the server's held-out cohorts
+    (or ``{}``). ``epsilon_fn(round)`` (DP enabled) returns the privacy budget spent so far.
+    """
+
+    def __init__(self, strategy: Any, fed: FederationConfig, model_spec: str, out_dir: str | Path, *,
+                 ckpt: CheckpointConfig | None = None, evaluate_fn: EvaluateFn | None = None,
+                 epsilon_fn: Callable[[int], float] | None = None, plot: bool = True) -> None:
+        self.strategy = strategy
+        self.fed = fed
+        self.model_spec = model_spec
+        self.out_dir = Path(out_dir)
+        self.ckpt_cfg = ckpt or CheckpointConfig()
+        self.evaluate_fn = evaluate_fn
+        self.epsilon_fn = epsilon_fn
+        self.plot = plot
+        self.audit = AuditLog(self.out_dir / "audit.jsonl")
+        self.history = MetricsHistory(self.out_dir)
+        self.store = CheckpointStore(self.out_dir / "checkpoints", keep_last=self.ckpt_cfg.keep_last,
+                                     metric=self.ckpt_cfg.metric, mode=self.ckpt_cfg.mode)
+        source = self.ckpt_cfg.source or ("heldout" if evaluate_fn is not None else "sites")
+        self.best_source = source
+
+    # ---------------------------------------------------------------------------------------
+    def train_config(self) -> ConfigRecord:
+        return ConfigRecord({
+            "local-epochs": int(self.fed.local_epochs),
+            "lr": float(self.fed.lr),
+            "weight-decay": float(self.fed.weight_decay),
+            "proximal-mu": float(self.fed.proximal_mu if self.fed.strategy == "fedprox" else 0.0),
+            "model-spec": self.model_spec,
+        })
+
+    def evaluate_config(self) -> ConfigRecord:
+        return ConfigRecord({"model-spec": self.model_spec})
+
+    def run(self, grid: Any, initial_arrays: ArrayRecord, *, resume: bool = False) -> RunResult:
+        arrays = initial_arrays
+        start = 1
+        if resume and self.store.last_path.exists():
+            ckpt = self.store.load_last()
+            if ckpt.get("model_spec") != self.model_spec:
+                raise ValueError(f"{self.store.last_path}: the checkpoint's model differs from the config "
+                                 "(model section or input dim changed). Resume with the same config, or "
+                                 "start a new run in another output folder.")
+            arrays = ArrayRecord({k: v for k, v in ckpt["state_dict"].items()})  # type: ignore[arg-type]
+            restore_strategy_state(self.strategy, ckpt.get("strategy_state"))
+            start = int(ckpt["round"]) + 1
+            self.history.drop_after(int(ckpt["round"]))
+            self.audit.write("resumed", from_checkpoint=str(self.store.last_path), completed_round=ckpt["round"],
+                             next_round=start)
+            logger.info("Resuming after round %d from %s.", ckpt["round"], self.store.last_path)
+        elif resume:
+            logger.warning("--resume given but %s does not exist: starting at round 1.", self.store.last_path)
+        self.audit.run_started(rounds=self.fed.rounds, start_round=start, strategy=self.fed.strategy,
+                               min_sites=self.fed.min_sites, local_epochs=self.fed.local_epochs, lr=self.fed.lr,
+                               model_spec=self.model_spec, global_model_bytes=initial_arrays.count_bytes())
+        if start == 1 and self.evaluate_fn is not None:
+            self._server_evaluate(0, arrays)
+        failed: list[int] = []
+        if start > self.fed.rounds:
+            logger.info("All %d rounds are already done (%s).", self.fed.rounds, self.store.last_path)
+        for rnd in range(start, self.fed.rounds + 1):
+            t0 = time.perf_counter()
+            logger.info("[ROUND %d/%d]", rnd, self.fed.rounds)
+            new_arrays, ok = self._train_round(grid, rnd, arrays)
+            if ok and new_arrays is not None:
+                arrays = new_arrays
+            else:
+                failed.append(rnd)
+            site_eval = self._evaluate_round(grid, rnd, arrays) if self.fed.evaluate_sites else {}
+            heldout = self._server_evaluate(rnd, arrays) if self.evaluate_fn is not None else {}
+            aggregate: dict[str, float] = {f"sites-{k}": v for k, v in site_eval.items()}
+            if self.epsilon_fn is not None:
+                aggregate["dp-epsilon"] = float(self.epsilon_fn(rnd))
+            aggregate["round-seconds"] = time.perf_counter() - t0
+            self.history.add(rnd, "aggregate", "federation", aggregate)
+            value = self._best_value(site_eval, heldout)
+            written = self.store.save(rnd, arrays, self.model_spec, metric_value=value,
+                                      strategy_state=strategy_state(self.strategy),
+                                      metrics={"sites": site_eval, "heldout": heldout, **aggregate})
+            for kind, path in written:
+                if kind != "round":
+                    self.audit.checkpoint(rnd, path, kind)
+                else:
+                    self.audit.checkpoint(rnd, path, kind)
+            self.audit.write("round_finished", round=rnd, ok=ok, seconds=aggregate["round-seconds"],
+                             best_metric=self.store.metric, metric_value=value,
+                             dp_epsilon=aggregate.get("dp-epsilon"))
+            self.history.write_csv()
+        self.history.write_csv()
+        if self.plot:
+            try:
+                plot_learning_curves(self.history.rows(), self.out_dir / "plots")
+            except Exception as exc:  # noqa: BLE001 - plots must never lose a finished run
+                logger.warning("Could not draw learning curves: %s", exc)
+        self.audit.write("run_finished", last_round=self.fed.rounds, failed_rounds=failed,
+                         best=self.store.best)
+        return RunResult(arrays=arrays, first_round=start, last_round=self.fed.rounds, failed_rounds=failed,
+                         out_dir=self.out_dir)
+
+    # ---------------------------------------------------------------------------------------
+    def _best_value(self, site_eval: dict[str, float], heldout: dict[str, dict[str, float]]) -> float | None:
+        metric = self.store.metric
+        if self.best_source == "heldout":
+            values = [m.get(metric) for m in heldout.values()]
+        else:
+            values = [site_eval.get(metric)]
+        values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+        return sum(values) / len(values) if values else None
+
+    def _collect(self, rnd: int, phase: str, messages: list[Message], replies: list[Message]) -> list[Message]:
+        """Audit every reply; return the valid ones. Missing replies are failures."""
+        valid = []
+        answered = {r.metadata.reply_to_message_id for r in replies}
+        for reply in replies:
+            site = reply_site(reply)
+            if reply.has_error():
+                self.audit.failure(rnd, phase, reply.error.reason or f"error code {reply.error.code}",
+                                   site=site, node_id=reply.metadata.src_node_id)
+                continue
+            metrics = reply_metrics(reply)
+            self.audit.reply(rnd, phase, site, reply.metadata.src_node_id, payload_bytes(reply.content), metrics)
+            self.history.add(rnd, phase, site, metrics)
+            valid.append(reply)
+        for msg in messages:
+            if msg.metadata.message_id and msg.metadata.message_id not in answered:
+                self.audit.failure(rnd, phase, f"no reply within federation.round_timeout_s="
+                                   f"{self.fed.round_timeout_s:.0f} s (site stopped or too slow)",
+                                   node_id=msg.metadata.dst_node_id)
+        return valid
+
+    def _send(self, grid: Any, messages: list[Message]) -> list[Message]:
+        return list(grid.send_and_receive(messages, timeout=self.fed.round_timeout_s))
+
+    def _train_round(self, grid: Any, rnd: int, arrays: ArrayRecord) -> tuple[ArrayRecord | None, bool]:
+        try:
+            messages = list(self.strategy.configure_train(rnd, arrays, self.train_config(), grid))
+        except SitesUnavailableError as exc:
+            self.audit.failure(rnd, "train", str(exc))
+            raise
+        self.audit.round_started(rnd, sites=[m.metadata.dst_node_id for m in messages],
+                                 global_model_bytes=arrays.count_bytes())
+        replies = self._send(grid, messages)
+        valid = self._collect(rnd, "train", messages, replies)
+        if len(valid) < self.fed.min_sites:
+            self.audit.failure(rnd, "train", f"only {len(valid)} site(s) replied, federation.min_sites="
+                               f"{self.fed.min_sites}: the global model is kept unchanged this round")
+            return None, False
+        try:
+            new_arrays, agg = self.strategy.aggregate_train(rnd, valid)
+        except Exception as exc:  # noqa: BLE001 - InconsistentMessageReplies, AggregationError, DP checks
+            self.audit.failure(rnd, "aggregate", f"{type(exc).__name__}: {exc}")
+            return None, False
+        if new_arrays is None:
+            self.audit.failure(rnd, "aggregate", "aggregation returned no model")
+            return None, False
+        if agg is not None:
+            self.history.add(rnd, "train-aggregate", "federation", dict(agg))
+        self.audit.write("aggregated", round=rnd, sites=[reply_site(r) for r in valid],
+                         weights={reply_site(r): reply_metrics(r).get("num-examples") for r in valid},
+                         global_model_bytes=new_arrays.count_bytes())
+        return new_arrays, True
+
+    def _evaluate_round(self, grid: Any, rnd: int, arrays: ArrayRecord) -> dict[str, float]:
+        try:
+            messages = list(self.strategy.configure_evaluate(rnd, arrays, self.evaluate_config(), grid))
+        except SitesUnavailableError as exc:
+            self.audit.failure(rnd, "evaluate", str(exc))
+            return {}
+        if not messages:
+            return {}
+        replies = self._send(grid, messages)
+        valid = self._collect(rnd, "evaluate", messages, replies)
+        if not valid:
+            return {}
+        try:
+            agg = self.strategy.aggregate_evaluate(rnd, valid)
+        except Exception as exc:  # noqa: BLE001
+            self.audit.failure(rnd, "evaluate", f"{type(exc).__name__}: {exc}")
+            return {}
+        return {k: float(v) for k, v in (agg or {}).items() if not isinstance(v, list)}
+
+    def _server_evaluate(self, rnd: int, arrays: ArrayRecord) -> dict[str, dict[str, float]]:
+        assert self.evaluate_fn is not None
+        try:
+            results = self.evaluate_fn(rnd, arrays) or {}
+        except Exception as exc:  # noqa: BLE001 - evaluation must not end the run
+            self.audit.failure(rnd, "heldout", f"{type(exc).__name__}: {exc}")
+            logger.exception("Server-side evaluation failed")
+            return {}
+        for cohort, metrics in results.items():
+            self.history.add(rnd, "heldout", cohort, metrics)
+            self.audit.write("heldout_evaluation", round=rnd, cohort=cohort, metrics=metrics)
+            logger.info("Round %d held-out %s: %s", rnd, cohort,
+                        ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        return results
