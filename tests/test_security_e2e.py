@@ -156,9 +156,16 @@ def test_registered_site_joins_over_tls(world):
     site = pki / "sites" / "site_a"
     check_site_security(TLSConfig(ca_cert=site / "ca.pem"), SiteAuthConfig(site / "site_a.key"))
     assert probe_tls(f"127.0.0.1:{port}", site / "ca.pem").startswith("TLSv1.")
-    reg = register_site_keys(f"127.0.0.1:{port}", pki / "site_keys", ca_cert=pki / "ca.pem")
+    reg = register_site_keys(pki / "site_keys", f"127.0.0.1:{port}", ca_cert=pki / "ca.pem")
     assert set(reg) == {"site_a"} and reg["site_a"].newly_registered
-    again = register_site_keys(f"127.0.0.1:{port}", pki / "site_keys", ca_cert=pki / "ca.pem")
+    # the same request through a Flower CLI connection (what flwr-server writes for `flwr` commands)
+    home = world["root"] / "cli_home"
+    home.mkdir(exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "c"\n\n[superlink.c]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{pki / "ca.pem"}"\n')
+    again = register_site_keys(pki / "site_keys", superlink="c", flwr_home=home)
+    assert list(again) == ["site_a"]
     assert again["site_a"].node_id == reg["site_a"].node_id and not again["site_a"].newly_registered
     node, log = procs.start("site_a", supernode_args(port, _free_port(), ca=site / "ca.pem",
                                                      key=site / "site_a.key", site="site_a"))
@@ -191,9 +198,9 @@ def test_site_without_the_consortium_ca_fails_clearly(world, tmp_path):
     assert procs.wait_exit(node) != 0
     assert "CERTIFICATE_VERIFY_FAILED" in log.read_text()
     with pytest.raises(NodeAuthError, match="not signed by"):
-        register_site_keys(f"127.0.0.1:{port}", pki / "site_keys", ca_cert=other.ca_cert)
+        register_site_keys(pki / "site_keys", f"127.0.0.1:{port}", ca_cert=other.ca_cert)
     with pytest.raises(NodeAuthError, match="speaks TLS"):
-        register_site_keys(f"127.0.0.1:{port}", pki / "site_keys", insecure=True)
+        register_site_keys(pki / "site_keys", f"127.0.0.1:{port}", insecure=True)
 
 
 def test_wrong_private_key_for_a_registered_site_is_rejected(world, tmp_path):
@@ -207,7 +214,7 @@ def test_wrong_private_key_for_a_registered_site_is_rejected(world, tmp_path):
 
 def test_revoked_site_can_no_longer_join(world):
     pki, port, procs = world["pki"], world["port"], world["procs"]
-    reg = register_site_keys(f"127.0.0.1:{port}", pki / "site_keys", ca_cert=pki / "ca.pem")
+    reg = register_site_keys(pki / "site_keys", f"127.0.0.1:{port}", ca_cert=pki / "ca.pem")
     unregister_site(f"127.0.0.1:{port}", reg["site_a"].node_id, ca_cert=pki / "ca.pem")
     site = pki / "sites" / "site_a"
     node, log = procs.start("site_a_revoked", supernode_args(port, _free_port(), ca=site / "ca.pem",
@@ -218,7 +225,7 @@ def test_revoked_site_can_no_longer_join(world):
 
 def test_control_api_only_on_loopback(world):
     with pytest.raises(NodeAuthError, match="must stay on the coordinator's loopback"):
-        register_site_keys(f"10.1.2.3:{world['port']}", world["pki"] / "site_keys", ca_cert=world["pki"] / "ca.pem")
+        register_site_keys(world["pki"] / "site_keys", f"10.1.2.3:{world['port']}", ca_cert=world["pki"] / "ca.pem")
 
 
 def test_plaintext_is_refused_without_insecure(tmp_path):

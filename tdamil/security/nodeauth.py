@@ -38,6 +38,7 @@ __all__ = [
     "RegisteredSite",
     "SiteNode",
     "register_site_keys",
+    "connection_from_flwr_home",
     "list_site_nodes",
     "unregister_site",
     "site_key_files",
@@ -196,20 +197,48 @@ def list_site_nodes(
     }
 
 
+def connection_from_flwr_home(flwr_home: Path | str, name: str) -> tuple[str, Optional[Path], bool]:
+    """(address, root certificates, insecure) of connection ``name`` in ``<flwr_home>/config.toml``,
+    the file ``flwr`` CLI commands (``flwr supernode register <key> <name>``) read."""
+    import tomllib
+
+    path = Path(flwr_home) / "config.toml"
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise NodeAuthError(f"{path}: cannot read the Flower CLI configuration ({exc}).") from None
+    conn = data.get("superlink", {}).get(name)
+    if not isinstance(conn, dict) or "address" not in conn:
+        raise NodeAuthError(f"{path}: no [superlink.{name}] connection with an address.")
+    ca = conn.get("root-certificates")
+    return str(conn["address"]), (Path(ca) if ca else None), bool(conn.get("insecure", False))
+
+
 def register_site_keys(
-    control_address: str,
     keys: Path | str | Iterable[Path | str],
+    control_address: Optional[str] = None,
     *,
     ca_cert: Optional[Path | str] = None,
     insecure: bool = False,
+    superlink: Optional[str] = None,
+    flwr_home: Optional[Path | str] = None,
     wait_s: float = 30.0,
 ) -> dict[str, RegisteredSite]:
-    """Register every ``<site>.pub`` with the SuperLink at ``control_address`` (loopback only).
+    """Register every ``<site>.pub`` with the SuperLink's Control API (loopback only).
 
-    ``keys``: the folder ``auth.site_public_keys`` (or a list of files). ``ca_cert``: the consortium
-    CA (the SuperLink's certificate covers 127.0.0.1). Waits up to ``wait_s`` for the SuperLink to
-    listen. A key registered before keeps its node id. Returns ``{site: RegisteredSite}``.
+    ``keys``: the folder ``auth.site_public_keys`` (or a list of ``.pub`` files). Where the Control
+    API is: ``control_address`` (``127.0.0.1:9093``) with ``ca_cert`` (the consortium CA; the
+    SuperLink certificate covers 127.0.0.1) or ``insecure``; or, as ``flwr`` CLI commands do, a
+    connection name ``superlink`` in ``<flwr_home>/config.toml``. Waits up to ``wait_s`` for the
+    SuperLink to listen. A key registered before keeps its node id. Returns ``{site: RegisteredSite}``
+    in file order (``list(result)`` gives the site names).
     """
+    if control_address is None:
+        if superlink is None or flwr_home is None:
+            raise NodeAuthError("give the Control API address (127.0.0.1:<port>) or a Flower connection name + flwr_home.")
+        control_address, conf_ca, conf_insecure = connection_from_flwr_home(flwr_home, superlink)
+        ca_cert = ca_cert if ca_cert is not None else conf_ca
+        insecure = insecure or conf_insecure
     from cryptography.hazmat.primitives import serialization
     from flwr.proto.control_pb2 import RegisterNodeRequest
 
