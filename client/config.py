@@ -41,6 +41,7 @@ class SiteFederationConfig:
     extract_missing:  extract features of slides without cached features before joining (true).
     val_fraction / test_fraction / split_seed: patient-level split when the manifest has no
                       ``split`` column.
+    cpu_threads:      cap torch's CPU threads in the training processes (null = torch's default).
     """
 
     superlink: str = "127.0.0.1:9092"
@@ -51,6 +52,7 @@ class SiteFederationConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     split_seed: int = 0
+    cpu_threads: Optional[int] = None
 
     def __post_init__(self) -> None:
         if ":" not in self.superlink:

@@ -84,12 +84,27 @@ def run_federated(grid: Grid, setup: RunSetup) -> RunResult:
     return result
 
 
+def _bridge_logging() -> None:
+    """In ``flwr-serverapp`` only Flower's logger reaches the coordinator's log stream: route the
+    project's loggers through its handlers (no-op when the process already logs, e.g. simulation)."""
+    if logging.getLogger().handlers:
+        return
+    ours = logging.getLogger("tdamil")
+    flwr_handlers = logging.getLogger("flwr").handlers
+    if flwr_handlers and not ours.handlers:
+        for handler in flwr_handlers:
+            ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
+
+
 def make_server_app(setup_fn: Callable[[Context], RunSetup]) -> ServerApp:
     """A ServerApp whose run is described by ``setup_fn(context)``."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        _bridge_logging()
         run_federated(grid, setup_fn(context))
 
     return server_app

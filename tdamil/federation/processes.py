@@ -1,0 +1,132 @@
+"""Start, watch and stop the Flower processes (SuperLink, SuperNode, gateway, ``flwr run``).
+
+Every process runs in its own session (process group) so that stopping it also stops the children
+Flower spawns (``flower-superexec``, ``flwr-serverapp``, ``flwr-clientapp``): SIGTERM to the group,
+then SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ManagedProcess", "free_port", "wait_for_port", "flower_env", "flower_bin"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free right now on ``host``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float = 30.0, proc: Optional["ManagedProcess"] = None) -> None:
+    """Block until ``host:port`` accepts connections (or raise TimeoutError / RuntimeError)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited with code {proc.poll()} before listening on {host}:{port}; "
+                               f"see {proc.log_path}:\n{proc.tail()}")
+        try:
+            with socket.create_connection((host if host != "0.0.0.0" else "127.0.0.1", port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
+
+
+def flower_bin(name: str) -> str:
+    """Path of a Flower console script next to this Python (the project's virtualenv)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def flower_env(flwr_home: Optional[Path] = None, threads: Optional[int] = None) -> dict[str, str]:
+    """Environment for Flower processes: telemetry off, own FLWR_HOME, optional CPU thread cap."""
+    env = dict(os.environ)
+    # Flower spawns flower-superexec / flwr-serverapp / flwr-clientapp by name: find ours first
+    bin_dir = str(Path(sys.executable).parent)
+    if env.get("PATH", "").split(os.pathsep)[0] != bin_dir:
+        env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    if flwr_home is not None:
+        Path(flwr_home).mkdir(parents=True, exist_ok=True)
+        env["FLWR_HOME"] = str(flwr_home)
+    if threads:
+        for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[key] = str(threads)
+    return env
+
+
+class ManagedProcess:
+    """A child process in its own process group, logging to a file (and optionally echoing lines)."""
+
+    def __init__(self, name: str, cmd: Sequence[str], log_path: Optional[Path], env: Optional[dict[str, str]] = None,
+                 cwd: Optional[Path] = None) -> None:
+        """``log_path=None``: the process writes to this terminal."""
+        self.name = name
+        self.cmd = list(cmd)
+        self.log_path = Path(log_path) if log_path is not None else None
+        self._log = None
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        logger.debug("Starting %s: %s", name, " ".join(self.cmd))
+        out = self._log if self._log is not None else None
+        self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=env,
+                                     cwd=cwd, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> Optional[int]:
+        return self.proc.poll()
+
+    def tail(self, lines: int = 20) -> str:
+        if self.log_path is None:
+            return ""
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def stop(self, grace: float = 5.0) -> Optional[int]:
+        """SIGTERM the process group, SIGKILL it after ``grace`` seconds; returns the exit code."""
+        if self.proc.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                logger.debug("%s did not stop within %.0f s: killing it.", self.name, grace)
+        # children (superexec, serverapp/clientapp) may outlive the leader: kill what is left
+        self._signal_group(signal.SIGKILL)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            pass
+        if self._log is not None and not self._log.closed:
+            self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the whole group at once (tests: a site or the coordinator crashing)."""
+        self._signal_group(signal.SIGKILL)
+        self.proc.wait(timeout=10)
