@@ -65,8 +65,9 @@ def _privacy(setup: RunSetup, strategy: Any, num_sites: int) -> tuple[Any, Optio
         return strategy, None
     from tdamil.security.dp import PrivacyAccountant, dp_server_strategy  # noqa: PLC0415
 
-    wrapped = dp_server_strategy(strategy, setup.privacy, num_sites)
-    accountant = PrivacyAccountant(setup.privacy, min(1.0, setup.federation.fraction_sites))
+    rate = min(1.0, setup.federation.fraction_sites)
+    wrapped = dp_server_strategy(strategy, setup.privacy, num_sites, sampling_rate=rate)
+    accountant = getattr(wrapped, "site_accountant", None) or PrivacyAccountant(setup.privacy, rate)
     return wrapped, accountant.epsilon
 
 
