@@ -156,3 +156,19 @@ def test_create_model_checks_its_arguments():
         create_model({"name": "abmil"}, in_dim=4, num_classes=0)
     with pytest.raises(ConfigError, match="unsupported model config"):
         create_model(object(), in_dim=4, num_classes=2)  # type: ignore[arg-type]
+
+
+def test_tdamil_variants_keep_padding_invariance():
+    """The optional TDA-MIL fields (input LayerNorm, separate step-II weights, CLS selection)."""
+    model = build("tdamil", input_norm=True, share_weights=False, select_cls=True, decoder_bias=True)
+    torch.manual_seed(6)
+    bag = torch.randn(5, IN_DIM)
+    x = torch.cat([bag, torch.randn(4, IN_DIM)]).unsqueeze(0)
+    mask = torch.tensor([[True] * 5 + [False] * 4])
+    with torch.no_grad():
+        padded, alone = model(x, mask), model(bag.unsqueeze(0))
+        trace = model.forward_trace(bag.unsqueeze(0))
+    torch.testing.assert_close(padded.logits, alone.logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(padded.scores[:, :5], alone.scores, atol=1e-5, rtol=1e-4)
+    assert trace.cls_score is not None and 0 <= float(trace.cls_score) <= 1
+    assert "blocks_td.0.attn.v.weight" in model.state_dict()
