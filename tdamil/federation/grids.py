@@ -137,6 +137,11 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self._contexts)
 
+    @property
+    def site_names(self) -> dict[int, str]:
+        """node id -> site name (from the node configs)."""
+        return {nid: str(ctx.node_config.get("site", f"node-{nid}")) for nid, ctx in self._contexts.items()}
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:

@@ -69,6 +69,13 @@ class RoundLoop:
                                      metric=self.ckpt_cfg.metric, mode=self.ckpt_cfg.mode)
         source = self.ckpt_cfg.source or ("heldout" if evaluate_fn is not None else "sites")
         self.best_source = source
+        self.node_sites: dict[int, str] = {}  # learned from replies, for naming failed sites
+
+    def _site_of(self, grid: Any, node_id: int) -> str | None:
+        if node_id in self.node_sites:
+            return self.node_sites[node_id]
+        names = getattr(getattr(grid, "inner", grid), "site_names", None)
+        return names.get(node_id) if isinstance(names, dict) else None
 
     # ---------------------------------------------------------------------------------------
     def train_config(self) -> ConfigRecord:
@@ -129,10 +136,7 @@ class RoundLoop:
                                       strategy_state=strategy_state(self.strategy),
                                       metrics={"sites": site_eval, "heldout": heldout, **aggregate})
             for kind, path in written:
-                if kind != "round":
-                    self.audit.checkpoint(rnd, path, kind)
-                else:
-                    self.audit.checkpoint(rnd, path, kind)
+                self.audit.checkpoint(rnd, path, kind)
             self.audit.write("round_finished", round=rnd, ok=ok, seconds=aggregate["round-seconds"],
                              best_metric=self.store.metric, metric_value=value,
                              dp_epsilon=aggregate.get("dp-epsilon"))
@@ -158,16 +162,19 @@ class RoundLoop:
         values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
         return sum(values) / len(values) if values else None
 
-    def _collect(self, rnd: int, phase: str, messages: list[Message], replies: list[Message]) -> list[Message]:
+    def _collect(self, grid: Any, rnd: int, phase: str, messages: list[Message],
+                 replies: list[Message]) -> list[Message]:
         """Audit every reply; return the valid ones. Missing replies are failures."""
         valid = []
         answered = {r.metadata.reply_to_message_id for r in replies}
         for reply in replies:
-            site = reply_site(reply)
+            node = reply.metadata.src_node_id
             if reply.has_error():
                 self.audit.failure(rnd, phase, reply.error.reason or f"error code {reply.error.code}",
-                                   site=site, node_id=reply.metadata.src_node_id)
+                                   site=self._site_of(grid, node), node_id=node)
                 continue
+            site = reply_site(reply)
+            self.node_sites[node] = site
             metrics = reply_metrics(reply)
             self.audit.reply(rnd, phase, site, reply.metadata.src_node_id, payload_bytes(reply.content), metrics)
             self.history.add(rnd, phase, site, metrics)
@@ -176,6 +183,7 @@ class RoundLoop:
             if msg.metadata.message_id and msg.metadata.message_id not in answered:
                 self.audit.failure(rnd, phase, f"no reply within federation.round_timeout_s="
                                    f"{self.fed.round_timeout_s:.0f} s (site stopped or too slow)",
+                                   site=self._site_of(grid, msg.metadata.dst_node_id),
                                    node_id=msg.metadata.dst_node_id)
         return valid
 
@@ -191,7 +199,7 @@ class RoundLoop:
         self.audit.round_started(rnd, sites=[m.metadata.dst_node_id for m in messages],
                                  global_model_bytes=arrays.count_bytes())
         replies = self._send(grid, messages)
-        valid = self._collect(rnd, "train", messages, replies)
+        valid = self._collect(grid, rnd, "train", messages, replies)
         if len(valid) < self.fed.min_sites:
             self.audit.failure(rnd, "train", f"only {len(valid)} site(s) replied, federation.min_sites="
                                f"{self.fed.min_sites}: the global model is kept unchanged this round")
@@ -220,7 +228,7 @@ class RoundLoop:
         if not messages:
             return {}
         replies = self._send(grid, messages)
-        valid = self._collect(rnd, "evaluate", messages, replies)
+        valid = self._collect(grid, rnd, "evaluate", messages, replies)
         if not valid:
             return {}
         try:

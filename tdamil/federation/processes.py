@@ -68,6 +68,17 @@ def flower_env(flwr_home: Optional[Path] = None, threads: Optional[int] = None) 
     return env
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """Linux: deliver SIGTERM to the child when the process that started it dies (even by SIGKILL),
+    so a crashed coordinator or site never leaves a SuperLink / SuperNode running on its own."""
+    try:
+        import ctypes  # noqa: PLC0415
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class ManagedProcess:
     """A child process in its own process group, logging to a file (and optionally echoing lines)."""
 
@@ -84,7 +95,8 @@ class ManagedProcess:
         logger.debug("Starting %s: %s", name, " ".join(self.cmd))
         out = self._log if self._log is not None else None
         self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=env,
-                                     cwd=cwd, start_new_session=True)
+                                     cwd=cwd, start_new_session=True,
+                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
 
     @property
     def pid(self) -> int:

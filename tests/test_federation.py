@@ -1,0 +1,267 @@
+"""Federation unit tests: aggregation, message contents, sampling timeout, checkpoints/resume,
+configs, the config-only app bundle and the coordinator's TLS guard. Tiny models, in-process."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+from tdamil.config import ConfigError
+from tdamil.federation.audit import read_audit
+from tdamil.federation.config import FederationConfig
+from tdamil.federation.grids import InProcessGrid, PatientGrid, SitesUnavailableError
+from tdamil.federation.records import eval_metric_keys, nan_weighted_mean, train_metric_keys
+from tdamil.federation.strategies import build_strategy
+from tdamil.federation.task import ModelSpec, SiteData, build_model, model_to_arrays
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"name": "tdamil", "dim": 16, "depth": 1, "num_heads": 2}
+
+
+def _digits_sites(num_sites: int = 2, train: int = 8, val: int = 6, test: int = 6):
+    from tdamil.data.digits import DigitsBagsConfig, make_digits_sites
+
+    cfg = DigitsBagsConfig(num_train_bags=train, num_val_bags=val, num_test_bags=20, mean_bag_size=6, seed=1)
+    return make_digits_sites(cfg, num_sites, site_test_bags=test)
+
+
+# ---------------------------------------------------------------------------------------------
+def _reply(arrays: ArrayRecord, n: int, loss: float) -> Message:
+    keys = train_metric_keys()
+    metrics = MetricRecord({k: (n if k == "num-examples" else loss) for k in keys})
+    instr = Message(RecordDict(), 1001, "train")
+    instr.metadata.__dict__["_message_id"] = "x"
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=instr)
+
+
+def test_fedavg_is_the_slide_weighted_mean_of_every_array(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    spec = ModelSpec(TINY, in_dim=8, num_classes=2)
+    a, b = build_model(spec, seed=1), build_model(spec, seed=2)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert any("task_token" in k for k in sa) and any("channel_matrix" in k for k in sa)
+    strategy = build_strategy(FederationConfig(min_sites=2))
+    new, metrics = strategy.aggregate_train(1, [_reply(model_to_arrays(a), 30, 1.0), _reply(model_to_arrays(b), 10, 3.0)])
+    got = new.to_torch_state_dict()
+    assert set(got) == set(sa)
+    for key in sa:  # by hand: (30 * a + 10 * b) / 40, T and C included
+        want = (30 * sa[key].double() + 10 * sb[key].double()) / 40
+        assert torch.allclose(got[key].double(), want, atol=1e-6), key
+    assert metrics["train-loss"] == pytest.approx((30 * 1.0 + 10 * 3.0) / 40)
+
+
+def test_metric_average_skips_a_sites_nan_but_keeps_every_key():
+    keys = eval_metric_keys()
+    recs = [RecordDict({"metrics": MetricRecord({k: (n if k == "num-examples" else v) for k in keys})})
+            for n, v in ((10, float("nan")), (30, 0.8))]
+    out = nan_weighted_mean(recs, "num-examples")
+    assert set(out) == set(keys)
+    assert out["auroc"] == pytest.approx(0.8) and out["num-examples"] == 40
+    all_nan = nan_weighted_mean(recs[:1], "num-examples")
+    assert math.isnan(all_nan["auroc"])
+
+
+def test_patient_grid_stops_waiting_after_the_timeout():
+    class Empty(InProcessGrid):
+        def get_node_ids(self):
+            return [1000]
+
+    now = [0.0]
+    grid = PatientGrid(Empty(None, {1000: {}}), min_nodes=2, wait_timeout=30, clock=lambda: now[0])
+    assert list(grid.get_node_ids()) == [1000]  # still waiting
+    now[0] = 31.0
+    with pytest.raises(SitesUnavailableError, match="min_sites"):
+        grid.get_node_ids()
+
+
+# ---------------------------------------------------------------------------------------------
+def _sim_cfg(tmp_path: Path, rounds: int = 2, **fed):
+    from tdamil.federation.simulate import SimConfig
+
+    cfg = SimConfig(model=dict(TINY), output_dir=tmp_path / "run", baselines=False)
+    cfg.federation = FederationConfig(rounds=rounds, lr=1e-3, min_sites=2, round_timeout_s=60, wait_for_sites_s=5,
+                                      **fed)
+    return cfg
+
+
+def _sims(one_class_val: bool = False):
+    from tdamil.data.bags import InMemoryBagDataset
+    from tdamil.federation.simulate import SimSites
+
+    made = _digits_sites()
+    sites = {n: SiteData(n, s.train, s.val, s.test) for n, s in made.items()}
+    if one_class_val:  # site_b validates on negatives only: AUROC undefined -> NaN, same keys
+        val = sites["site_b"].val
+        neg = [i for i in range(len(val)) if val[i].label == 0]
+        sites["site_b"].val = InMemoryBagDataset([val[i].features for i in neg], [0] * len(neg), num_classes=2)
+    return SimSites(sites, {"held_out": made.held_out}, int(made["site_a"].train.in_dim))
+
+
+def test_sites_send_only_model_arrays_metrics_and_their_name(tmp_path):
+    from tdamil.federation.simulate import run_federation
+
+    cfg = _sim_cfg(tmp_path, rounds=1)
+    sims = _sims(one_class_val=True)
+    seen: list[tuple[Message, Message]] = []
+    setup = run_federation(cfg, sims, tmp_path / "run", on_message=lambda m, r: seen.append((m, r)))
+    state_keys = set(build_model(setup.spec).state_dict())
+    assert {m.metadata.message_type for m, _ in seen} == {"train", "evaluate"}
+    for msg, reply in seen:
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        content = reply.content
+        kind = msg.metadata.message_type
+        assert set(content.config_records) == {"site"} and set(content.config_records["site"]) == {"name"}
+        assert set(content.metric_records) == {"metrics"}
+        want = set(train_metric_keys() if kind == "train" else eval_metric_keys())
+        assert set(content.metric_records["metrics"]) == want  # same keys from every site, NaN allowed
+        if kind == "train":
+            assert set(content.array_records) == {"arrays"}
+            assert set(content.array_records["arrays"]) == state_keys
+        else:
+            assert not content.array_records
+        for value in content.metric_records["metrics"].values():
+            assert isinstance(value, (int, float))  # numbers only: no slide ids, no features
+    val_auroc = [r.content["metrics"]["val-auroc"] for m, r in seen
+                 if m.metadata.message_type == "train" and r.content["site"]["name"] == "site_b"]
+    assert val_auroc and math.isnan(val_auroc[0])
+
+
+def test_resume_continues_at_the_next_round_with_the_saved_model(tmp_path):
+    from tdamil.federation.checkpoint import load_checkpoint
+    from tdamil.federation.simulate import run_federation
+
+    sims = _sims()
+    run_federation(_sim_cfg(tmp_path, rounds=2), sims, tmp_path / "run")
+    first = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert first["round"] == 2
+    r1 = load_checkpoint(tmp_path / "run" / "checkpoints" / "round_0001.pt")
+    assert any(not torch.equal(first["state_dict"][k], r1["state_dict"][k]) for k in r1["state_dict"])
+    run_federation(_sim_cfg(tmp_path, rounds=3), sims, tmp_path / "run", resume=True)
+    events = read_audit(tmp_path / "run" / "audit.jsonl")
+    resumed = [e for e in events if e["event"] == "resumed"]
+    assert resumed and resumed[0]["next_round"] == 3
+    started = [e["round"] for e in events if e["event"] == "round_started"]
+    assert started == [1, 2, 3]  # rounds 1-2 are not redone
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert last["round"] == 3
+    ckpts = [e for e in events if e["event"] == "checkpoint"]
+    assert all(len(e["sha256"]) == 64 for e in ckpts)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["round"] for r in rows if r["phase"] == "heldout"} == {0, 1, 2, 3}
+    assert {r["site"] for r in rows if r["phase"] == "train"} == {"site_a", "site_b"}
+    assert (tmp_path / "run" / "metrics.csv").exists()
+    assert list((tmp_path / "run" / "plots").glob("curve_site_a.png"))
+
+
+def test_a_failing_site_is_audited_and_the_round_completes_with_the_others(tmp_path):
+    from tdamil.federation.simulate import run_federation
+
+    sims = _sims()
+    bad = sims.sites["site_b"]
+    bad.train = None  # this site's ClientApp raises
+    cfg = _sim_cfg(tmp_path, rounds=1)
+    cfg.federation.min_sites = 1
+    setup = run_federation(cfg, sims, tmp_path / "run")
+    assert setup.result.failed_rounds == []
+    events = read_audit(tmp_path / "run" / "audit.jsonl")
+    assert any(e["event"] == "failure" and e["site"] == "site_b" for e in events)
+    agg = [e for e in events if e["event"] == "aggregated"]
+    assert agg and agg[0]["sites"] == ["site_a"]
+
+
+# ---------------------------------------------------------------------------------------------
+def test_configs_shipped_with_the_project_validate():
+    from tdamil.client.config import load_site_config
+    from tdamil.federation.simulate import load_sim_config
+    from tdamil.server.config import load_server_config
+
+    load_server_config(REPO / "configs/server.yaml", check_files=False)
+    load_server_config(REPO / "configs/examples/server_msi.yaml", check_files=False)
+    for site in ("site_a", "site_b"):
+        cfg, extraction = load_site_config(REPO / f"configs/sites/{site}.yaml", check_files=False)
+        assert cfg.site == site and extraction is not None
+    load_site_config(REPO / "configs/examples/site_tcga_crc.yaml", check_files=False)
+    sim = load_sim_config(REPO / "configs/sim_digits.yaml")
+    assert sim.data.source == "digits"
+
+
+def test_config_errors_name_the_key_and_the_fix(tmp_path):
+    from tdamil.client.config import load_site_config
+    from tdamil.server.config import load_server_config
+
+    text = (REPO / "configs/server.yaml").read_text()
+    bad = tmp_path / "server.yaml"
+    bad.write_text(text.replace("rounds: 20", "round: 20"))
+    with pytest.raises(ConfigError, match=r"federation\.round.*Did you mean 'rounds'"):
+        load_server_config(bad, check_files=False)
+    bad.write_text(text.replace("min_sites: 2", "min_sites: two"))
+    with pytest.raises(ConfigError, match=r"federation\.min_sites.*whole number"):
+        load_server_config(bad, check_files=False)
+    with pytest.raises(ConfigError, match=r"evaluation\.data\.manifest.*not found"):
+        load_server_config(REPO / "configs/server.yaml")  # the example points at data that is not here
+    site = tmp_path / "site_a.yaml"
+    site.write_text((REPO / "configs/sites/site_a.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"data\.manifest.*not found"):
+        load_site_config(site)
+    site.write_text("site: site_a\n")
+    with pytest.raises(ConfigError, match=r"'data' is required"):
+        load_site_config(site, check_files=False)
+
+
+def test_coordinator_refuses_to_run_without_tls_unless_insecure(tmp_path):
+    from tdamil.federation.demo import write_demo_federation
+
+    paths = write_demo_federation(tmp_path, num_sites=2, train_bags=4, val_bags=2, test_bags=2, heldout_bags=4)
+    res = subprocess.run([sys.executable, "-m", "tdamil.server.coordinator", "--config", str(paths["server"]), "--check"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--insecure" in res.stderr and "tdamil-certs" in res.stderr
+    ok = subprocess.run([sys.executable, "-m", "tdamil.server.coordinator", "--config", str(paths["server"]), "--check",
+                         "--insecure"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+def test_the_run_bundle_carries_configuration_only_and_loads_installed_code(tmp_path):
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.supercore.object_ref import load_app
+
+    import tdamil.client.client_app as installed
+    from tdamil.server.fab import COMPONENTS, fab_members, write_app_dir
+
+    fab = build_fab_from_disk(write_app_dir(tmp_path / "tdamil-fl"))
+    assert fab_members(fab) == [".info/CONTENT", "pyproject.toml"]
+    # Flower unpacks the bundle, puts its folder first on sys.path and imports the component:
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    (unpacked / "pyproject.toml").write_bytes(__import__("zipfile").ZipFile(__import__("io").BytesIO(fab)).read("pyproject.toml"))
+    app = load_app(COMPONENTS["clientapp"], ValueError, unpacked)
+    assert app is installed.app
+    assert Path(installed.__file__).resolve().is_relative_to(REPO / "client")
+    # the repository's own [tool.flwr.app] names the same components
+    repo_cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert repo_cfg["components"] == COMPONENTS
+
+
+def test_gateway_serves_the_fleet_api_only():
+    from starlette.testclient import TestClient
+
+    from tdamil.server.gateway import create_gateway_app
+
+    with TestClient(create_gateway_app("http://127.0.0.1:9")) as client:
+        for path in ("/v1/control/start-run", "/v1/runtime/pull-messages", "/", "/docs"):
+            assert client.post(path, content=b"x").status_code == 404
+        assert client.get("/v1/fleet/pull-messages").status_code == 404  # fleet calls are POSTs
+        assert client.post("/v1/fleet/pull-messages", content=b"x").status_code == 503  # forwarded; upstream down
