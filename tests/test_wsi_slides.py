@@ -174,3 +174,16 @@ def test_40x_slides_read_20x_patches_at_the_right_place(slides40, cmu_rgb, which
             shifted = cmu_rgb[y // 2 + 64: y // 2 + 576, x // 2: x // 2 + 512].astype(np.float32)
             if shifted.shape == original.shape:  # a misplaced read would be this far off
                 assert np.abs(patch - shifted).mean() > 3 * np.abs(patch - original).mean()
+
+
+def test_backend_choice(monkeypatch):
+    """``auto`` uses tiffslide only when it is installed; asking for it without it is a clear error."""
+    import tdamil.wsi.reader as reader
+
+    monkeypatch.setattr(reader, "_has_tiffslide", lambda: False)
+    with open_slide(CMU, backend="auto") as s:
+        assert s.backend == "openslide"
+    with pytest.raises(SlideError, match=r"tiffslide.*not installed.*tdamil-fl\[tiffslide\]"):
+        open_slide(CMU, backend="tiffslide")
+    with pytest.raises(SlideError, match="unknown slide backend"):
+        open_slide(CMU, backend="pillow")  # type: ignore[arg-type]
