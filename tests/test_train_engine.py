@@ -162,3 +162,18 @@ def test_fit_monitors_val_loss_and_runs_all_epochs_without_patience():
     assert len(res.history) == 5 and not res.stopped_early
     assert res.best_value == min(r["val_loss"] for r in res.history)
     assert not math.isnan(res.history[0]["train_loss"])
+
+
+def test_mixed_precision_is_cuda_only_and_config_is_validated():
+    ds = _bags(n=4)
+    model = TinyAttnMIL()
+    a = evaluate(model, ds, mixed_precision=True)  # on CPU: no autocast, identical float32 results
+    b = evaluate(model, ds, mixed_precision=False)
+    assert np.array_equal(a.probs, b.probs)
+    from tdamil.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match="grad_accum_steps must be >= 1"):
+        from_dict(TrainConfig, {"grad_accum_steps": 0}, source="site.yaml")
+    with pytest.raises(ConfigError, match="monitor"):
+        from_dict(TrainConfig, {"monitor": "auc"}, source="site.yaml")
+    assert from_dict(TrainConfig, {"lr": "1e-5"}).lr == 1e-5
