@@ -89,3 +89,20 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     cfg.write_text("dataset: manifest\ndata: {manifest: missing.csv, features_dir: f}\n")
     assert main(["--config", str(cfg)]) == 2
     assert "missing.csv" in capsys.readouterr().err
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    from tdamil.config import load_config
+    from tdamil.models import model_config_from_dict
+    from tdamil.train.cli import TrainRunConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    digits = load_config(root / "train_digits.yaml", TrainRunConfig)
+    assert digits.dataset == "digits" and digits.digits.num_test_bags == 1000
+    msi = load_config(root / "train_msi_example.yaml", TrainRunConfig)
+    assert msi.dataset == "manifest" and msi.train.lr == 1e-5 and msi.data.classes == ["MSS", "MSI"]
+    assert msi.data.manifest.is_absolute()  # resolved relative to the YAML
+    for cfg in (digits, msi):
+        model_config_from_dict(cfg.model, source="test")
