@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slides", type=int, default=4)
     p.add_argument("--mosaic", type=int, default=2, help="cmu tiles per side of each 20x slide")
     p.add_argument("--precision", default="auto")
+    p.add_argument("--backend", default="openslide", choices=["openslide", "tiffslide", "auto"])
     p.add_argument("--repeats", type=int, default=2, help="pipeline runs, interleaved with encoder-only runs")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {len(slides)} slides in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         cfg = ExtractionConfig(encoder=args.encoder, weights=Path("unused"), batch_size=args.batch_size,
                                num_workers=args.num_workers, device=str(device), precision=args.precision,
-                               progress=False)
+                               backend=args.backend, progress=False)
 
         # the patches the pipeline will encode, read up front for the encoder-only run
         patches = []
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": args.batch_size,
             "num_workers": args.num_workers,
             "precision": args.precision,
+            "backend": args.backend,
             "slides": len(slides),
             "patches": n,
             "encoder_only_s": round(enc_s, 3),
