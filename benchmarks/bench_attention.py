@@ -7,8 +7,11 @@ Run by hand (not part of the test suite):
     .venv/bin/python benchmarks/bench_attention.py --device cuda --n 1000 4000 16000 64000 100000
 
 Every (n, attention) point runs in a fresh subprocess, so one point's allocations cannot flatter or
-spoil another's. On CPU, peak memory is the process's peak RSS (``resource.getrusage``) minus its
-resident size just before the measured step (after imports, model build and a tiny warm-up), and each
+spoil another's. On CPU, peak memory is the process's peak RSS minus its resident size just before the
+measured step (after imports, model build and a tiny warm-up). The peak is the kernel's high-water mark
+``VmHWM``, reset just before the step (``/proc/self/clear_refs``), not ``getrusage``'s ``ru_maxrss``: the
+latter also carries the RSS of the *parent* at the moment it spawned the subprocess (Linux copies it at
+exec), so a large parent (e.g. a pytest run) would swamp a small measurement. Each
 subprocess's address space is capped (``RLIMIT_AS``: its size after start-up plus ``--mem-cap-gb``), so a
 run that would need more fails cleanly and is reported "out of memory at cap" instead of exhausting a
 shared machine. On CUDA, peak memory is ``torch.cuda.max_memory_allocated`` above the allocation
@@ -55,8 +58,27 @@ def _rss_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def _status_bytes(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    """Reset this process's RSS high-water mark (VmHWM) to its current RSS (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError as exc:  # pragma: no cover - very old kernels / restricted /proc
+        log.warning("cannot reset the RSS high-water mark (%s): peaks include start-up", exc)
+
+
+def _peak_rss_bytes() -> int:
+    """Peak RSS since the last :func:`_reset_peak_rss`; falls back to getrusage without /proc."""
+    try:
+        return _status_bytes("VmHWM")
+    except (OSError, RuntimeError):  # pragma: no cover
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_point(spec: dict) -> dict:
@@ -97,6 +119,7 @@ def run_point(spec: dict) -> dict:
             if hard != resource.RLIM_INFINITY:
                 limit = min(limit, hard)
             resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+            _reset_peak_rss()
             base = _rss_bytes()
         else:
             if spec.get("gpu_warmup", True):
@@ -114,7 +137,7 @@ def run_point(spec: dict) -> dict:
             sync()
             times.append(time.perf_counter() - t0)
             model.zero_grad(set_to_none=True)
-        peak = (_maxrss_bytes() if device == "cpu" else torch.cuda.max_memory_allocated()) - base
+        peak = (_peak_rss_bytes() if device == "cpu" else torch.cuda.max_memory_allocated()) - base
         row.update(time_s=min(times), peak_mb=max(0, peak) / 2**20)
     except (RuntimeError, MemoryError) as exc:  # torch raises RuntimeError / OutOfMemoryError on allocation failure
         msg = f"{type(exc).__name__}: {exc}"
@@ -249,7 +272,8 @@ def write_report(results_dir: Path = RESULTS, report: Path = REPORT) -> None:
         "features, batch 1, `attention: sdpa` (torch `scaled_dot_product_attention`) against",
         "`attention: explicit` (`softmax(QK^T/sqrt(d_k))V`, an n x n matrix per head) with the same",
         "weights and input. Each point runs in a fresh subprocess. CPU memory = peak RSS of that",
-        "process minus its resident size just before the step; each subprocess's address space is capped",
+        "process (VmHWM, reset just before the step) minus its resident size just before the step; each",
+        "subprocess's address space is capped",
         "(RLIMIT_AS) so a point that needs more fails cleanly (\"out of memory at cap\"). GPU memory =",
         "`torch.cuda.max_memory_allocated` above the allocation before the step.",
         "",
