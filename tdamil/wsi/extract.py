@@ -288,7 +288,8 @@ class PatchDataset(Dataset):
         if slide is None:
             while len(self._open) >= 2:
                 self._open.pop(next(iter(self._open))).close()
-            slide = open_slide(key.path, mpp_override=key.mpp, backend=key.backend)  # type: ignore[arg-type]
+            slide = open_slide(key.path, mpp_override=key.mpp, backend=key.backend,  # type: ignore[arg-type]
+                               warn_override=False)
             self._open[key.path] = slide
         return slide
 

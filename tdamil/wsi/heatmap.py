@@ -114,13 +114,14 @@ def heatmap_for_slide(
     scores: np.ndarray,
     *,
     mpp_override: Optional[float] = None,
-    thumbnail_downsample: float = 32.0,
+    thumbnail_downsample: Optional[float] = None,
     **kwargs,
 ) -> Path:
     """Heatmap of ``scores`` (one per row of ``features_h5``) over the slide's thumbnail.
 
     Reads the coordinates and ``patch_size_level0`` from the feature file and the thumbnail from
-    the slide; other keyword arguments go to :func:`save_heatmap`.
+    the slide (default size: about 1500 px on the long side); other keyword arguments go to
+    :func:`save_heatmap`.
     """
     from tdamil.data.h5 import FeatureFileError, read_features
 
@@ -135,6 +136,8 @@ def heatmap_for_slide(
     if ps0 is None:
         raise FeatureFileError(f"{features_h5}: no patch_size_level0/patch_size attribute; cannot size the patches.")
     with open_slide(slide_path, mpp_override=mpp_override) as slide:
+        if thumbnail_downsample is None:
+            thumbnail_downsample = max(1.0, max(slide.dimensions) / 1500.0)
         thumb, ds = slide.thumbnail(thumbnail_downsample)
     kwargs.setdefault("title", str(bag.attrs.get("name", Path(features_h5).stem)))
     return save_heatmap(path, thumb, bag.coords, scores, int(ps0), ds, **kwargs)

@@ -220,6 +220,7 @@ def open_slide(
     mpp_override: Optional[float] = None,
     backend: Backend = "openslide",
     slide_id: Optional[str] = None,
+    warn_override: bool = True,
 ) -> Slide:
     """Open a whole-slide image and resolve its resolution.
 
@@ -227,6 +228,8 @@ def open_slide(
     the metadata must record a resolution, else :class:`MissingMppError`. ``backend``
     ``auto`` uses tiffslide for .svs/.tif/.tiff when it is installed, openslide otherwise.
     Raises :class:`SlideOpenError` when the file is missing or not a readable slide.
+    ``warn_override=False`` silences the warning about an override that contradicts the file
+    (used by reading workers, after the main process has warned once).
     """
     path = Path(path)
     sid = slide_id or path.stem
@@ -249,7 +252,7 @@ def open_slide(
             )
         source = "override"
         recorded, _ = mpp_from_properties(props)
-        if recorded is not None and abs(recorded - mpp) / recorded > 0.05:
+        if warn_override and recorded is not None and abs(recorded - mpp) / recorded > 0.05:
             logger.warning(
                 "%s: using mpp override %.4g although the file records %.4g um/px", path.name, mpp, recorded
             )
