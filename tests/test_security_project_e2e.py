@@ -139,12 +139,17 @@ def test_audit_round_record_lists_sites_sizes_metrics_checkpoints_and_no_data(fe
 
 
 def test_tampered_server_certificate_is_refused_clearly(fed, tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     pki = fed["pki"]
-    lines = (pki / "server.pem").read_text().splitlines()
-    i = len(lines) // 2
-    lines[i] = lines[i][:10] + ("A" if lines[i][10] != "A" else "B") + lines[i][11:]
+    # alter one byte of the signed content (the host name): still a well-formed certificate, but
+    # its signature no longer verifies, as after tampering in transit or on disk
+    der = bytearray(x509.load_pem_x509_certificate((pki / "server.pem").read_bytes())
+                    .public_bytes(serialization.Encoding.DER))
+    der[der.find(b"coordinator.example.org")] ^= 0x01
     bad = tmp_path / "server.pem"
-    bad.write_text("\n".join(lines) + "\n")
+    bad.write_bytes(x509.load_der_x509_certificate(bytes(der)).public_bytes(serialization.Encoding.PEM))
     srv = dict(fed["server_cfg"])
     srv["tls"] = dict(srv["tls"], cert=str(bad))
     srv["output_dir"] = str(tmp_path / "run")
