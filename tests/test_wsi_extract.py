@@ -190,3 +190,16 @@ def test_cli_reads_only_its_sections_and_reports(site, capsys):
     nowts = _write_site_yaml(root, {"encoder": "uni"})
     assert cli_main(["--config", str(nowts), "--no-progress"]) == 2
     assert "extraction.weights" in capsys.readouterr().err
+
+
+def test_manifest_slide_path_column_and_no_location(site):
+    root = site["root"]
+    manifest = root / "manifest_paths.csv"
+    manifest.write_text("slide_id,patient_id,label,slide_path\nA1,p1,MSS,slides/cmu.svs\nB2,p2,MSI,\n")
+    data = DataConfig(manifest=manifest, features_dir=root / "features_paths")  # no slides_dir
+    cfg = ExtractionConfig(encoder="tiny", batch_size=8, num_workers=0, progress=False, qc=False)
+    summary = extract_site(data, cfg)
+    a1, b2 = summary.results
+    assert (a1.status, a1.n_patches, a1.slide_path) == ("extracted", GOOD["cmu"], root / "slides" / "cmu.svs")
+    assert read_features(root / "features_paths" / "A1.h5").attrs["slide_file"] == "cmu.svs"
+    assert b2.status == "failed" and "slides_dir" in b2.reason and "slide_path" in b2.reason
