@@ -36,7 +36,9 @@ class SiteFederationConfig:
     superlink:        the coordinator's fleet address ``host:port`` (outbound connection only).
     runtime_port:     local port of this SuperNode's runtime API on 127.0.0.1 (9094; give each site
                       on one machine its own).
-    max_retries:      reconnection attempts before giving up (null = keep trying).
+    max_retries:      reconnection attempts of one SuperNode before it exits (10); ``tdamil-client``
+                      then starts a fresh one (backoff 2-30 s), so a restarted coordinator is
+                      found again quickly (null = Flower's own endless backoff).
     max_wait_time_s:  total time to keep reconnecting (null = no limit).
     extract_missing:  extract features of slides without cached features before joining (true).
     val_fraction / test_fraction / split_seed: patient-level split when the manifest has no
@@ -46,7 +48,7 @@ class SiteFederationConfig:
 
     superlink: str = "127.0.0.1:9092"
     runtime_port: int = 9094
-    max_retries: Optional[int] = None
+    max_retries: Optional[int] = 10
     max_wait_time_s: Optional[float] = None
     extract_missing: bool = True
     val_fraction: float = 0.15

@@ -17,16 +17,19 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, Optional
 
 from tdamil.config import ConfigError
-from tdamil.federation.processes import ManagedProcess, flower_bin, flower_env
+from tdamil.federation.processes import _die_with_parent, flower_bin, flower_env
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["supernode_command", "prepare_site", "main"]
+__all__ = ["supernode_command", "prepare_site", "run_supernode", "main"]
 
 
 def supernode_command(cfg: Any, config_path: Path, *, insecure: bool = False) -> list[str]:
@@ -84,6 +87,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--state-dir", type=Path, default=None,
                         help="Flower's working folder at the site (default: ~/.tdamil/sites/<site>)")
     parser.add_argument("--check", action="store_true", help="validate config and data, then exit")
+    parser.add_argument("--once", action="store_true", help="exit when the SuperNode exits (default: reconnect)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -112,21 +116,89 @@ def main(argv: Optional[list[str]] = None) -> int:
         logger.warning("--insecure: NO TLS to the coordinator. Use this only for a local test.")
     state = args.state_dir or Path.home() / ".tdamil" / "sites" / cfg.site
     threads = getattr(cfg.federation, "cpu_threads", None)
-    proc = ManagedProcess("flower-supernode", supernode_command(cfg, path, insecure=args.insecure), None,
-                          env=flower_env(state, threads=threads))
+    return run_supernode(supernode_command(cfg, path, insecure=args.insecure), flwr_env=flower_env(state, threads=threads),
+                         restart=not args.once)
+
+
+def run_supernode(cmd: list[str], flwr_env: dict[str, str], *, restart: bool = True,
+                  backoff: tuple[float, float] = (2.0, 30.0), hang_grace: float = 10.0) -> int:
+    """Run the SuperNode in the foreground; restart it when it stops (coordinator restarted, network
+    lost) until Ctrl-C / SIGTERM. Returns the exit code (130 when interrupted).
+
+    Flower 1.42's SuperNode may log "Giving up reconnection" or "SuperNode terminated gracefully" and
+    then not exit (its runtime server and SuperExec keep it alive); its output is followed here and
+    such a process is killed ``hang_grace`` seconds later, then restarted.
+    """
 
     def _stop(signum: int, frame: Any) -> None:  # noqa: ARG001
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
+    delay = backoff[0]
+    proc: Optional[subprocess.Popen] = None
     try:
-        code = proc.proc.wait()
+        while True:
+            started = time.monotonic()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=flwr_env, text=True,
+                                    start_new_session=True, preexec_fn=_die_with_parent)
+            ended = threading.Event()
+            threading.Thread(target=_follow, args=(proc, ended), daemon=True).start()
+            ended_at: Optional[float] = None
+            while proc.poll() is None:
+                if ended.is_set():
+                    ended_at = ended_at or time.monotonic()
+                    if time.monotonic() - ended_at > hang_grace:
+                        break
+                time.sleep(0.5)
+            _kill_group(proc)
+            code = proc.returncode
+            if not restart:
+                return int(code or 0)
+            if time.monotonic() - started > 60:
+                delay = backoff[0]
+            logger.warning("The SuperNode stopped (exit code %s): the coordinator may be restarting or unreachable. "
+                           "Reconnecting in %.0f s (Ctrl-C to quit).", code, delay)
+            time.sleep(delay)
+            delay = min(backoff[1], delay * 2)
     except KeyboardInterrupt:
         logger.info("Stopping the SuperNode.")
-        proc.stop()
+        if proc is not None:
+            _kill_group(proc, sig=signal.SIGTERM)
         return 130
-    proc.stop()
-    return int(code or 0)
+
+
+# Lines after which a Flower 1.42 SuperNode is finished but may not exit by itself.
+_ENDED_MARKERS = ("SuperNode terminated", "Giving up reconnection")
+
+
+def _follow(proc: subprocess.Popen, ended: threading.Event) -> None:
+    """Echo the SuperNode's output; flag its "terminated" line."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        if any(marker in line for marker in _ENDED_MARKERS):
+            ended.set()
+
+
+def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL, grace: float = 5.0) -> None:
+    """Stop the SuperNode and its children (SIGTERM first when asked, then SIGKILL)."""
+    import os  # noqa: PLC0415
+
+    if sig != signal.SIGKILL and proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=grace)
+        except (ProcessLookupError, PermissionError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:  # pragma: no cover
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

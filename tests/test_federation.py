@@ -27,6 +27,15 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = {"name": "tdamil", "dim": 16, "depth": 1, "num_heads": 2}
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models run fastest single-threaded (and the CI's 2 cores are shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _digits_sites(num_sites: int = 2, train: int = 8, val: int = 6, test: int = 6):
     from tdamil.data.digits import DigitsBagsConfig, make_digits_sites
 
@@ -173,7 +182,7 @@ def test_a_failing_site_is_audited_and_the_round_completes_with_the_others(tmp_p
     bad = sims.sites["site_b"]
     bad.train = None  # this site's ClientApp raises
     cfg = _sim_cfg(tmp_path, rounds=1)
-    cfg.federation.min_sites = 1
+    cfg.federation.min_replies = 1
     setup = run_federation(cfg, sims, tmp_path / "run")
     assert setup.result.failed_rounds == []
     events = read_audit(tmp_path / "run" / "audit.jsonl")

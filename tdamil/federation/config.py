@@ -13,8 +13,11 @@ class FederationConfig:
     rounds:            total number of federated rounds (``--resume`` continues up to this number).
     local_epochs:      epochs each site trains per round.
     lr:                the sites' AdamW learning rate; weight_decay its weight decay.
-    min_sites:         a round needs at least this many sites connected and replying; with fewer
-                       replies the round is logged as failed and the global model is kept.
+    min_sites:         a round starts when at least this many sites are connected (and samples at
+                       least this many).
+    min_replies:       the round's update is applied when at least this many sites replied in time
+                       (default: min_sites); with fewer the round is logged as failed and the
+                       global model is kept. Lower it to let a round finish when a site dies mid-round.
     fraction_sites:    fraction of the connected sites sampled per round (at least min_sites).
     round_timeout_s:   how long a round waits for replies; sites that have not answered by then are
                        logged as failed for this round (a round never waits forever).
@@ -31,6 +34,7 @@ class FederationConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-2
     min_sites: int = 2
+    min_replies: Optional[int] = None
     fraction_sites: float = 1.0
     round_timeout_s: float = 3600.0
     wait_for_sites_s: float = 600.0
@@ -43,6 +47,10 @@ class FederationConfig:
     evaluate_sites: bool = True
     seed: int = 0
 
+    @property
+    def required_replies(self) -> int:
+        return self.min_replies if self.min_replies is not None else self.min_sites
+
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ValueError("federation.rounds must be >= 1")
@@ -52,6 +60,8 @@ class FederationConfig:
             raise ValueError("federation.lr must be > 0")
         if self.min_sites < 1:
             raise ValueError("federation.min_sites must be >= 1")
+        if self.min_replies is not None and not 1 <= self.min_replies <= self.min_sites:
+            raise ValueError("federation.min_replies must be between 1 and min_sites")
         if not 0 < self.fraction_sites <= 1:
             raise ValueError("federation.fraction_sites must be in (0, 1]")
         if self.round_timeout_s <= 0 or self.wait_for_sites_s <= 0:

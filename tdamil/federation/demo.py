@@ -66,7 +66,7 @@ def write_demo_federation(root: str | Path, *, num_sites: int = 2, train_bags: i
             "data": {"manifest": f"../{name}/manifest.csv", "features_dir": f"../{name}/features", "classes": classes},
             "train": {"device": "cpu", "progress": False},
             "federation": {"superlink": superlink, "runtime_port": ports[k], "extract_missing": False,
-                           "max_wait_time_s": 120, "cpu_threads": 1},
+                           "max_retries": 3, "cpu_threads": 1},
         }
         path = root / "sites" / f"{name}.yaml"
         path.write_text(yaml.safe_dump(site_yaml, sort_keys=False), encoding="utf-8")

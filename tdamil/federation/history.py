@@ -110,7 +110,8 @@ def plot_learning_curves(rows: Iterable[dict[str, Any]], out_dir: str | Path,
             ax.set_xlabel("round")
             ax.set_ylabel(metric)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
         fig.suptitle(f"{site}: learning curve")
         fig.tight_layout()
         path = out_dir / f"curve_{site.replace('/', '_').replace(':', '_')}.png"

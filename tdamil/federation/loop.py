@@ -200,9 +200,9 @@ class RoundLoop:
                                  global_model_bytes=arrays.count_bytes())
         replies = self._send(grid, messages)
         valid = self._collect(grid, rnd, "train", messages, replies)
-        if len(valid) < self.fed.min_sites:
-            self.audit.failure(rnd, "train", f"only {len(valid)} site(s) replied, federation.min_sites="
-                               f"{self.fed.min_sites}: the global model is kept unchanged this round")
+        if len(valid) < self.fed.required_replies:
+            self.audit.failure(rnd, "train", f"only {len(valid)} site(s) replied, federation.min_replies="
+                               f"{self.fed.required_replies}: the global model is kept unchanged this round")
             return None, False
         try:
             new_arrays, agg = self.strategy.aggregate_train(rnd, valid)

@@ -1,0 +1,132 @@
+"""End-to-end: real Flower processes on 127.0.0.1 (free ports, bounded waits, always stopped).
+
+One scenario with a coordinator (``flwr-server``: SuperLink + fleet gateway + ``flwr run``) and two
+sites (``tdamil-client``: SuperNodes) on digits bags written as h5 feature caches:
+
+1. round 1 runs with both sites and writes a checkpoint that differs from the initial model;
+2. the coordinator is killed (SIGKILL) and restarted with ``--resume``: it continues at round 2;
+3. site_b is killed in the middle of round 2: the round completes with site_a (min_sites = 1)
+   and the failure is in the audit log; the round-2 model differs from the round-1 model.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tdamil.federation.processes import ManagedProcess, flower_env, free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def _events(out: Path) -> list[dict]:
+    path = out / "audit.jsonl"
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            pass
+    return events
+
+
+def _wait(what: str, predicate, timeout: float, procs: list[ManagedProcess]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    logs = "\n\n".join(f"--- {p.name} ({p.log_path}) ---\n{p.tail(30)}" for p in procs)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{logs}")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_real_processes_resume_and_a_site_dying_mid_round(tmp_path):
+    from tdamil.federation.checkpoint import load_checkpoint
+    from tdamil.federation.demo import write_demo_federation
+    from tdamil.federation.task import ModelSpec, build_model
+
+    fleet, internal = free_port(), free_port()
+    ports = [free_port(), free_port()]
+    paths = write_demo_federation(
+        tmp_path, num_sites=2, train_bags=8, val_bags=4, test_bags=4, heldout_bags=10,
+        model={"name": "tdamil", "dim": 16, "depth": 1, "num_heads": 2},
+        federation={"rounds": 2, "min_sites": 2, "min_replies": 1, "round_timeout_s": 60, "wait_for_sites_s": 120,
+                    "evaluate_sites": False},
+        superlink=f"127.0.0.1:{fleet}", internal_port=internal, runtime_ports=ports)
+    out = tmp_path / "run"
+    env = flower_env(threads=1)
+    py = sys.executable
+
+    def coordinator(*extra: str) -> ManagedProcess:
+        return ManagedProcess("flwr-server", [py, "-m", "tdamil.server.coordinator", "--config", str(paths["server"]),
+                                              "--insecure", *extra], tmp_path / "logs" / f"server{extra}.log", env=env)
+
+    def site(name: str) -> ManagedProcess:
+        return ManagedProcess(name, [py, "-m", "tdamil.client.site", "--config", str(paths[name]), "--insecure",
+                                     "--state-dir", str(tmp_path / "state" / name)],
+                              tmp_path / "logs" / f"{name}.log", env=env)
+
+    procs: list[ManagedProcess] = []
+    try:
+        server = coordinator()
+        procs.append(server)
+        site_a, site_b = site("site_a"), site("site_b")
+        procs += [site_a, site_b]
+        _wait("round 1 to start with both sites",
+              lambda: any(e["event"] == "round_started" and len(e["sampled_nodes"]) == 2 for e in _events(out)),
+              300, procs)
+        time.sleep(1.0)
+        site_b.kill()  # site_b dies in the middle of round 1
+        _wait("round 1 checkpoint", lambda: (out / "checkpoints" / "round_0001.pt").exists(), 300, procs)
+        ev = _events(out)
+        r1 = [e for e in ev if e["event"] == "aggregated" and e["round"] == 1]
+        assert r1 and r1[0]["sites"] == ["site_a"] and r1[0]["weights"] == {"site_a": 8}  # weight = train slides
+        assert any(e["event"] == "failure" and e["round"] == 1 and e["phase"] == "train" for e in ev)
+
+        server.kill()  # the coordinator crashes; its SuperLink and gateway go down with it
+        _wait("the coordinator's ports to be free", lambda: _port_free(fleet) and _port_free(internal), 60, procs)
+        assert site_a.poll() is None  # the surviving site keeps (re)connecting
+        text = paths["server"].read_text().replace("min_sites: 2", "min_sites: 1")
+        paths["server"].write_text(text)
+        resumed = coordinator("--resume")
+        procs.append(resumed)
+        _wait("the resumed run to finish", lambda: resumed.poll() is not None, 400, procs)
+        assert resumed.poll() == 0, resumed.tail(40)
+
+        ev = _events(out)
+        assert [e["next_round"] for e in ev if e["event"] == "resumed"] == [2]
+        started = [e["round"] for e in ev if e["event"] == "round_started"]
+        assert started.count(1) == 1 and started[-1] == 2  # round 1 is not redone after the restart
+        r2 = [e for e in ev if e["event"] == "aggregated" and e["round"] == 2]
+        assert r2 and r2[0]["sites"] == ["site_a"]
+        assert ev[-1]["event"] == "run_finished" and ev[-1]["failed_rounds"] == []
+        sent = [e for e in ev if e["event"] == "reply"]
+        assert sent and all(e["payload_bytes"] > 0 and e["site"] in ("site_a", "site_b") for e in sent)
+
+        ck1 = load_checkpoint(out / "checkpoints" / "round_0001.pt")
+        ck2 = load_checkpoint(out / "checkpoints" / "round_0002.pt")
+        assert ck2["round"] == 2 and load_checkpoint(out / "checkpoints" / "last.pt")["round"] == 2
+        spec = ModelSpec.from_json(ck1["model_spec"])
+        init = build_model(spec, seed=0).state_dict()
+        for key in ("task_token", "channel_matrix"):
+            k = next(k for k in init if key in k)
+            assert not torch.equal(init[k], ck1["state_dict"][k].to(init[k].dtype)), f"{k} unchanged by round 1"
+        assert any(not torch.equal(ck1["state_dict"][k], ck2["state_dict"][k]) for k in init), "round 2 changed nothing"
+        heldout = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert {r["round"] for r in heldout if r["phase"] == "heldout"} == {0, 1, 2}
+    finally:
+        for proc in reversed(procs):
+            proc.stop(grace=5)
