@@ -383,7 +383,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    summary = simulate(cfg, resume=args.resume, out_dir=args.output_dir)
+    try:
+        summary = simulate(cfg, resume=args.resume, out_dir=args.output_dir)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     out = Path(summary["out_dir"])
     print(f"\nFederation finished in {summary['federation_seconds']:.1f} s; everything in {out}/")
     if (out / "comparison.md").exists():
