@@ -173,6 +173,11 @@ def test_resume_continues_at_the_next_round_with_the_saved_model(tmp_path):
     assert {r["site"] for r in rows if r["phase"] == "train"} == {"site_a", "site_b"}
     assert (tmp_path / "run" / "metrics.csv").exists()
     assert list((tmp_path / "run" / "plots").glob("curve_site_a.png"))
+    # a fresh (not resumed) run in the same folder keeps the finished one aside, never overwrites it
+    run_federation(_sim_cfg(tmp_path, rounds=1), sims, tmp_path / "run")
+    kept = list((tmp_path / "run" / "previous").glob("*/checkpoints/round_0003.pt"))
+    assert len(kept) == 1
+    assert [e["round"] for e in read_audit(tmp_path / "run" / "audit.jsonl") if e["event"] == "round_started"] == [1]
 
 
 def test_a_failing_site_is_audited_and_the_round_completes_with_the_others(tmp_path):

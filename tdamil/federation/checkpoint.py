@@ -103,13 +103,21 @@ class CheckpointStore:
             atomic_torch_save(payload, self.best_path)
             written.append(("best", self.best_path))
             logger.info("Round %d: new best %s = %.4f -> %s", server_round, self.metric, metric_value, self.best_path)
-        self._prune()
         return written
 
-    def _prune(self) -> None:
-        rounds = sorted(self.folder.glob("round_*.pt"))
-        for old in rounds[: max(0, len(rounds) - self.keep_last)]:
-            old.unlink(missing_ok=True)
+    def _prune(self, current: int) -> None:
+        """Delete per-round checkpoints older than the last ``keep_last`` rounds up to ``current``."""
+        for old in self.folder.glob("round_*.pt"):
+            try:
+                rnd = int(old.stem.split("_")[1])
+            except (IndexError, ValueError):
+                continue
+            if rnd <= current - self.keep_last:
+                old.unlink(missing_ok=True)
+
+    def prune(self, current: int) -> None:
+        """Apply ``keep_last`` (call after the written files were hashed for the audit log)."""
+        self._prune(current)
 
     def load_last(self) -> dict[str, Any]:
         ckpt = load_checkpoint(self.last_path)

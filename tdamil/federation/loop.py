@@ -108,6 +108,8 @@ class RoundLoop:
             logger.info("Resuming after round %d from %s.", ckpt["round"], self.store.last_path)
         elif resume:
             logger.warning("--resume given but %s does not exist: starting at round 1.", self.store.last_path)
+        elif self.store.last_path.exists():
+            self._archive_previous_run()
         self.audit.run_started(rounds=self.fed.rounds, start_round=start, strategy=self.fed.strategy,
                                min_sites=self.fed.min_sites, local_epochs=self.fed.local_epochs, lr=self.fed.lr,
                                model_spec=self.model_spec, global_model_bytes=initial_arrays.count_bytes())
@@ -137,6 +139,7 @@ class RoundLoop:
                                       metrics={"sites": site_eval, "heldout": heldout, **aggregate})
             for kind, path in written:
                 self.audit.checkpoint(rnd, path, kind)
+            self.store.prune(rnd)
             self.audit.write("round_finished", round=rnd, ok=ok, seconds=aggregate["round-seconds"],
                              best_metric=self.store.metric, metric_value=value,
                              dp_epsilon=aggregate.get("dp-epsilon"))
@@ -151,6 +154,21 @@ class RoundLoop:
                          best=self.store.best)
         return RunResult(arrays=arrays, first_round=start, last_round=self.fed.rounds, failed_rounds=failed,
                          out_dir=self.out_dir)
+
+    def _archive_previous_run(self) -> None:
+        """A fresh run in a folder holding a finished/interrupted one: keep the old one aside."""
+        import shutil  # noqa: PLC0415
+        from datetime import datetime  # noqa: PLC0415
+
+        dest = self.out_dir / "previous" / datetime.now().strftime("%Y%m%d-%H%M%S")
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ("checkpoints", "plots", "audit.jsonl", "metrics.jsonl", "metrics.csv"):
+            src = self.out_dir / name
+            if src.exists():
+                shutil.move(str(src), str(dest / name))
+        self.store.best = None
+        logger.warning("%s held a previous run (not resumed): moved it to %s. Use --resume to continue a run.",
+                       self.out_dir, dest)
 
     # ---------------------------------------------------------------------------------------
     def _best_value(self, site_eval: dict[str, float], heldout: dict[str, dict[str, float]]) -> float | None:
