@@ -19,6 +19,9 @@ Measured, in one process and one run:
   its measured parts: open + tissue mask + grid + QC picture, h5 write; plus the time to read
   one patch serially (what DataLoader workers hide behind a GPU).
 
+CPU seconds (this process plus its joined DataLoader workers) are reported beside wall time:
+on a machine shared with other jobs they are much steadier than wall time.
+
 Encoder-only and pipeline runs alternate (``--repeats``; medians reported), so a change in the
 machine's load during the benchmark affects both sides alike.
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -62,6 +66,12 @@ def make_slides(folder: Path, n: int, mosaic: int) -> list[Path]:
             h, w = big.shape[0] // 2, big.shape[1] // 2
             paths.append(write_pyramid(folder / f"bench{i:02d}_40x.tif", upsample(big[:h, :w], 2), 0.25, (1, 2, 8)))
     return paths
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (DataLoader workers are joined)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,25 +120,30 @@ def main(argv: list[str] | None = None) -> int:
         images = torch.from_numpy(np.stack(patches)).permute(0, 3, 1, 2).contiguous()
         n = len(images)
 
+        enc_cpu: list[float] = []
+        pipe_cpu: list[float] = []
+
         def encoder_only() -> float:
             sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
             with torch.inference_mode(), _autocast(device, args.precision):
                 encoder(images[: args.batch_size].to(device))  # warm-up
                 sync()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), cpu_seconds()
                 for b in range(0, n, args.batch_size):
                     out = encoder(images[b: b + args.batch_size].to(device, non_blocking=True))
                     out.float().cpu() if b + args.batch_size >= n else None
                 sync()
+                enc_cpu.append(cpu_seconds() - c0)
                 return time.perf_counter() - t0
 
         jobs = [SlideJob(pth.stem, pth) for pth in slides]
         enc_runs, pipe_runs, summary = [], [], None
         for rep in range(args.repeats):  # interleaved, so a change of machine load hits both alike
             enc_runs.append(encoder_only())
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), cpu_seconds()
             summary = extract_slides(jobs, work / f"features{rep}", cfg, encoder=encoder)
             pipe_runs.append(time.perf_counter() - t0)
+            pipe_cpu.append(cpu_seconds() - c0)
             assert summary.ok and summary.n_patches == n, (summary.n_patches, n, [r.reason for r in summary.failed])
         enc_runs.append(encoder_only())
         # each pipeline run against the mean of the encoder-only runs just before and after it
@@ -156,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
             "pipeline_over_encoder": round(float(np.median(ratios)), 3),
             "per_slide_overhead_runs_s": [round(o, 3) for o in overheads],
             "per_slide_overhead_s": round(float(np.median(overheads)), 3),
+            "cpu_s_encoder_only_runs": [round(v, 3) for v in enc_cpu],
+            "cpu_s_pipeline_runs": [round(v, 3) for v in pipe_cpu],
+            "cpu_ratio": round(float(np.median(enc_cpu)) / float(np.median(pipe_cpu)), 3),
+            "cpu_overhead_per_slide_s": round((float(np.median(pipe_cpu)) - float(np.median(enc_cpu))) / len(slides), 3),
             "open_segment_qc_s_mean": round(float(np.mean([r.timings["open_segment"] for r in summary.extracted])), 3),
             "write_s_mean": round(float(np.mean([r.timings["write"] for r in summary.extracted])), 3),
             "read_ms_per_patch": round(read_s / n * 1000, 2),
