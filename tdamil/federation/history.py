@@ -106,7 +106,8 @@ def plot_learning_curves(rows: Iterable[dict[str, Any]], out_dir: str | Path,
             xs = [r["round"] for r in train if r.get(key) is not None]
             ys = [r[key] for r in train if r.get(key) is not None]
             if xs:
-                ax.plot(xs, ys, "^--", alpha=0.7, label="after local training")
+                ax.plot(xs, ys, "^--", alpha=0.7,
+                        label="site training loss" if metric == "loss" else "site model after local training")
             ax.set_xlabel("round")
             ax.set_ylabel(metric)
             ax.grid(alpha=0.3)

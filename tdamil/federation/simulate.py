@@ -332,7 +332,7 @@ def simulate(cfg: SimConfig, *, resume: bool = False, out_dir: Optional[Path] = 
     """Run the simulation described by ``cfg``; returns a summary dict."""
     from tdamil.federation.task import build_model, load_arrays  # noqa: PLC0415
 
-    out = Path(out_dir or cfg.output_dir)
+    out = Path(out_dir or cfg.output_dir).resolve()
     if cfg.torch_threads:
         import torch  # noqa: PLC0415
 
