@@ -3,7 +3,7 @@
 Sections::
 
     output_dir: runs/federation       # checkpoints, metrics, audit log, plots
-    model: {name: tdamil, dim: 512, depth: 2, heads: 8}   # tdamil.models config
+    model: {name: tdamil, dim: 512, depth: 2, num_heads: 8}   # tdamil.models config
     in_dim: 1024                      # feature width of the sites' encoder (UNI: 1024)
     num_classes: 2
     federation: {...}                 # tdamil.federation.config.FederationConfig

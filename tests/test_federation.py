@@ -279,3 +279,13 @@ def test_gateway_serves_the_fleet_api_only():
             assert client.post(path, content=b"x").status_code == 404
         assert client.get("/v1/fleet/pull-messages").status_code == 404  # fleet calls are POSTs
         assert client.post("/v1/fleet/pull-messages", content=b"x").status_code == 503  # forwarded; upstream down
+
+
+def test_server_config_docstring_model_example_validates():
+    import yaml
+
+    import tdamil.server.config as server_config
+
+    (line,) = [ln for ln in server_config.__doc__.splitlines() if ln.strip().startswith("model:")]
+    example = yaml.safe_load(line.split("#")[0])["model"]
+    server_config.validate_model(example, "server/config.py docstring")  # ConfigError on an unknown key
