@@ -96,6 +96,7 @@ def load_server_config(path: str | Path, *, check_files: bool = True) -> ServerC
     path = Path(path)
     cfg = load_config(path, ServerConfig)
     validate_model(cfg.model, str(path))
+    cfg.output_dir = Path(cfg.output_dir).resolve()  # logs show /srv/runs/x, not /srv/configs/../runs/x
     if check_files:
         ev = cfg.evaluation.data
         if ev is not None and not Path(ev.manifest).is_file():

@@ -289,3 +289,13 @@ def test_server_config_docstring_model_example_validates():
     (line,) = [ln for ln in server_config.__doc__.splitlines() if ln.strip().startswith("model:")]
     example = yaml.safe_load(line.split("#")[0])["model"]
     server_config.validate_model(example, "server/config.py docstring")  # ConfigError on an unknown key
+
+
+def test_output_folders_from_configs_are_clean_absolute_paths():
+    from tdamil.federation.simulate import load_sim_config
+    from tdamil.server.config import load_server_config
+
+    sim = load_sim_config(REPO / "configs/sim_digits.yaml")  # output_dir: ../runs/sim_digits
+    assert sim.output_dir == REPO / "runs" / "sim_digits" and ".." not in sim.output_dir.parts
+    srv = load_server_config(REPO / "configs/server.yaml", check_files=False)  # output_dir: ../runs/federation
+    assert srv.output_dir == REPO / "runs" / "federation" and ".." not in srv.output_dir.parts

@@ -116,6 +116,7 @@ def load_sim_config(path: str | Path, overrides: dict[str, Any] | None = None) -
     from tdamil.server.config import validate_model  # noqa: PLC0415
 
     validate_model(cfg.model, str(path))
+    cfg.output_dir = Path(cfg.output_dir).resolve()  # logs show /work/runs/x, not /work/configs/../runs/x
     if cfg.data.source == "manifest" and not Path(cfg.data.manifest.data.manifest).is_file():
         raise ConfigError(f"{path}: 'data.manifest.data.manifest' file {cfg.data.manifest.data.manifest} not found.")
     return cfg
