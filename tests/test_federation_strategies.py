@@ -55,3 +55,21 @@ def test_differential_privacy_reports_epsilon_every_round(tmp_path):
     assert setup.result.failed_rounds == []
     eps = [r["dp-epsilon"] for r in rows if r["phase"] == "aggregate"]
     assert len(eps) == 2 and 0 < eps[0] < eps[1]
+    # the audit log records the weights the DP wrapper used (equal per site), not the slide counts
+    from tdamil.federation.audit import read_audit
+
+    events = read_audit(tmp_path / "run" / "audit.jsonl")
+    slides = {e["site"]: e["metrics"]["num-examples"] for e in events if e["event"] == "reply" and e["phase"] == "train"}
+    assert set(slides.values()) != {1}  # slide counts differ from the equal DP weights
+    for agg in (e for e in events if e["event"] == "aggregated"):
+        assert agg["weights"] == {"site_a": 1.0, "site_b": 1.0} and "equal" in agg["weighting"]
+
+
+def test_fedavg_audit_weights_are_the_slide_counts(tmp_path):
+    from tdamil.federation.audit import read_audit
+
+    _run(tmp_path, rounds=1)
+    events = read_audit(tmp_path / "run" / "audit.jsonl")
+    slides = {e["site"]: e["metrics"]["num-examples"] for e in events if e["event"] == "reply" and e["phase"] == "train"}
+    (agg,) = [e for e in events if e["event"] == "aggregated"]
+    assert agg["weights"] == slides and agg["weighting"] == "num-examples"

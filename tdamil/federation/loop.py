@@ -233,9 +233,17 @@ class RoundLoop:
         if agg is not None:
             self.history.add(rnd, "train-aggregate", "federation", dict(agg))
         self.audit.write("aggregated", round=rnd, sites=[reply_site(r) for r in valid],
-                         weights={reply_site(r): reply_metrics(r).get("num-examples") for r in valid},
-                         global_model_bytes=new_arrays.count_bytes())
+                         weighting=getattr(self.strategy, "weighting", "num-examples"),
+                         weights=self._weights_used(valid), global_model_bytes=new_arrays.count_bytes())
         return new_arrays, True
+
+    def _weights_used(self, valid: list[Message]) -> dict[str, float | None]:
+        """Each site's weight in this round's average, as the strategy applied it: the DP wrapper
+        reports its own (equal weights, 0 for a dropped update); otherwise the slide counts."""
+        used = getattr(self.strategy, "last_weights", None)
+        if isinstance(used, dict):
+            return {reply_site(r): float(used.get(int(r.metadata.src_node_id), 0.0)) for r in valid}
+        return {reply_site(r): reply_metrics(r).get("num-examples") for r in valid}
 
     def _evaluate_round(self, grid: Any, rnd: int, arrays: ArrayRecord) -> dict[str, float]:
         try:

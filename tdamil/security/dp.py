@@ -202,6 +202,9 @@ def _make_strategy_class():
             self._sent: dict[int, list[np.ndarray]] = {}
             self.last_noise_std: Optional[float] = None
             self.dropped_unclipped: list[int] = []
+            # weights the last aggregation gave each site (node id -> weight), for the audit log
+            self.weighting = "equal (site-level DP)"
+            self.last_weights: Optional[dict[int, float]] = None
 
         def __repr__(self) -> str:
             return (
@@ -215,6 +218,7 @@ def _make_strategy_class():
 
         def aggregate_train(self, server_round: int, replies: Iterable[Message]):
             replies_list = list(replies)
+            self.last_weights = None
             sent = self._sent.get(server_round)
             ok: list[Message] = []
             tol = self.clipping_norm * (1 + 1e-4) + 1e-6
@@ -239,6 +243,7 @@ def _make_strategy_class():
                 logger.error("Round %d: no usable site update; the global model is kept.", server_round)
                 return None, None
             # equal weights: temporarily give every reply weight 1 for the inner aggregation
+            self.last_weights = {int(msg.metadata.src_node_id): 1.0 for msg in ok}
             key = getattr(self.strategy, "weighted_by_key", "num-examples")
             saved = []
             for msg in ok:
