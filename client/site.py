@@ -90,8 +90,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--once", action="store_true", help="exit when the SuperNode exits (default: reconnect)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from tdamil.federation.logs import setup_logging  # noqa: PLC0415
+
+    setup_logging(args.verbose)
     from tdamil.client.config import load_site_config, site_config_path  # noqa: PLC0415
 
     path = args.config if args.config is not None else site_config_path(args.site, args.configs_dir)
@@ -174,8 +175,10 @@ _ENDED_MARKERS = ("SuperNode terminated", "Giving up reconnection")
 def _follow(proc: subprocess.Popen, ended: threading.Event) -> None:
     """Echo the SuperNode's output; flag its "terminated" line."""
     assert proc.stdout is not None
+    from tdamil.federation.logs import reformat_flower_line  # noqa: PLC0415
+
     for line in proc.stdout:
-        sys.stdout.write(line)
+        sys.stdout.write(reformat_flower_line(line, source="flower-supernode"))
         sys.stdout.flush()
         if any(marker in line for marker in _ENDED_MARKERS):
             ended.set()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tdamil.config import ConfigError
+from tdamil.federation.logs import reformat_flower_line
 from tdamil.federation.processes import ManagedProcess, flower_bin, flower_env, wait_for_port
 
 logger = logging.getLogger(__name__)
@@ -146,6 +147,7 @@ class Coordinator:
         with open(log_path, "a", encoding="utf-8") as log:
             assert self.run_proc.stdout is not None
             for line in self.run_proc.stdout:
+                line = reformat_flower_line(line)  # Flower's "INFO :   msg" -> time, level, source
                 log.write(line)
                 log.flush()
                 m = re.search(r"Successfully started run (\d+)", line)
@@ -237,8 +239,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--check", action="store_true", help="only validate the config and exit")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from tdamil.federation.logs import setup_logging  # noqa: PLC0415
+
+    setup_logging(args.verbose)
     try:
         coordinator = Coordinator(Path(args.config), insecure=args.insecure, resume=args.resume,
                                   output_dir=args.output_dir)

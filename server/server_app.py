@@ -86,14 +86,18 @@ def run_federated(grid: Grid, setup: RunSetup) -> RunResult:
 
 
 def _bridge_logging() -> None:
-    """In ``flwr-serverapp`` only Flower's logger reaches the coordinator's log stream: route the
-    project's loggers through its handlers (no-op when the process already logs, e.g. simulation)."""
+    """In ``flwr-serverapp`` only Flower's console handler reaches the coordinator's log stream:
+    give it the project's format (time, level, source) and route the project's loggers through it.
+    Where the process already logs (simulation, tests), Flower's lines go through that, once."""
+    from tdamil.federation.logs import format_flower_console, route_flower_to_root  # noqa: PLC0415
+
     if logging.getLogger().handlers:
+        route_flower_to_root()
         return
     ours = logging.getLogger("tdamil")
-    flwr_handlers = logging.getLogger("flwr").handlers
-    if flwr_handlers and not ours.handlers:
-        for handler in flwr_handlers:
+    handlers = format_flower_console()
+    if handlers and not ours.handlers:
+        for handler in handlers:
             ours.addHandler(handler)
         ours.setLevel(logging.INFO)
         ours.propagate = False

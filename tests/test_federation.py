@@ -299,3 +299,45 @@ def test_output_folders_from_configs_are_clean_absolute_paths():
     assert sim.output_dir == REPO / "runs" / "sim_digits" and ".." not in sim.output_dir.parts
     srv = load_server_config(REPO / "configs/server.yaml", check_files=False)  # output_dir: ../runs/federation
     assert srv.output_dir == REPO / "runs" / "federation" and ".." not in srv.output_dir.parts
+
+
+_LOG_LINE = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.-]+: "
+
+
+def test_simulation_prints_each_flower_line_once_with_time_level_and_source(tmp_path):
+    import re
+
+    cfg_dir = tmp_path / "configs"
+    cfg_dir.mkdir()
+    (cfg_dir / "sim.yaml").write_text(
+        "output_dir: ../runs/sim\n"
+        "model: {name: tdamil, dim: 16, depth: 1, num_heads: 2}\n"
+        "baselines: false\n"
+        "data: {source: digits, digits: {num_sites: 2, site_test_bags: 4, held_out_fraction: 0.3,\n"
+        "       bags: {num_train_bags: 6, num_val_bags: 4, num_test_bags: 8, mean_bag_size: 5, seed: 0}}}\n"
+        "federation: {rounds: 1, min_sites: 2, round_timeout_s: 60, wait_for_sites_s: 5}\n")
+    res = subprocess.run([sys.executable, "-m", "tdamil.federation.simulate", "--config", str(cfg_dir / "sim.yaml")],
+                         capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = res.stdout + res.stderr
+    assert "\x1b[" not in text  # no colour codes from Flower's own handler
+    sampled = [ln for ln in text.splitlines() if "configure_train: Sampled" in ln]
+    assert len(sampled) == 1 and re.match(_LOG_LINE.replace(r"[\w.-]+", "flwr"), sampled[0]), sampled
+    assert all(re.match(_LOG_LINE, ln) for ln in res.stderr.splitlines() if ln.strip()), res.stderr[-2000:]
+    # the output folder is printed as a clean absolute path (configs/../runs/sim resolved)
+    assert f"everything in {tmp_path / 'runs' / 'sim'}/" in res.stdout and ".." not in res.stdout
+
+
+def test_flower_console_lines_get_the_project_format():
+    import logging
+    import re
+
+    from tdamil.federation.logs import format_flower_console, reformat_flower_line
+
+    line = reformat_flower_line("\x1b[93mWARNING \x1b[0m:   fraction_evaluate is set to 0.0: skipped\n")
+    assert re.match(_LOG_LINE + r"fraction_evaluate is set to 0\.0: skipped\n$", line) and " flwr: " in line
+    assert reformat_flower_line("Successfully started run 7\n") == "Successfully started run 7\n"
+    handlers = format_flower_console()  # what flwr-serverapp streams to the coordinator
+    assert handlers
+    record = logging.LogRecord("flwr", logging.INFO, __file__, 1, "aggregate_train: Received %d results", (2,), None)
+    assert re.match(_LOG_LINE + "aggregate_train: Received 2 results$", handlers[0].format(record))

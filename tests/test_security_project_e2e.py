@@ -105,6 +105,12 @@ def test_tls_run_with_registered_sites_and_dp_finishes(fed):
     log = (fed["root"] / "server.log").read_text()
     assert "Registered site site_a" in log and "Registered site site_b" in log
     assert "Site-level DP on" in log
+    # Flower's lines (streamed from the ServerApp) are shown once, with time, level and source
+    assert "\x1b[" not in log
+    import re
+
+    (sampled,) = [ln for ln in log.splitlines() if "configure_train: Sampled" in ln]
+    assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO flwr: configure_train", sampled), sampled
     records = _audit(fed["out"])
     assert records[0]["event"] == "run_started" and records[-1]["event"] == "run_finished"
     # the privacy spent after round 1 is in the audit trail and equals the accountant's value

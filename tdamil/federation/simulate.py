@@ -370,8 +370,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from tdamil.federation.logs import setup_logging  # noqa: PLC0415
+
+    setup_logging(args.verbose)
     overrides: dict[str, Any] = {}
     if args.rounds is not None:
         overrides["federation.rounds"] = args.rounds
