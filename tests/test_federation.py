@@ -341,3 +341,31 @@ def test_flower_console_lines_get_the_project_format():
     assert handlers
     record = logging.LogRecord("flwr", logging.INFO, __file__, 1, "aggregate_train: Received %d results", (2,), None)
     assert re.match(_LOG_LINE + "aggregate_train: Received 2 results$", handlers[0].format(record))
+
+
+def test_resume_refuses_a_checkpoint_with_flipped_bits_and_names_the_intact_round(tmp_path):
+    from tdamil.federation.checkpoint import load_checkpoint
+    from tdamil.federation.simulate import run_federation
+    from tdamil.security.integrity import CheckpointIntegrityError
+
+    sims = _sims()
+    out = tmp_path / "run"
+    run_federation(_sim_cfg(tmp_path, rounds=1), sims, out)
+    last, round1 = out / "checkpoints" / "last.pt", out / "checkpoints" / "round_0001.pt"
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit in the tensor bytes: torch.load still reads it
+    last.write_bytes(bytes(data))
+    load_checkpoint(last)  # (silently "fine" without the check)
+    kept = {p.name: p.read_bytes() for p in (out / "checkpoints").glob("*.pt")}
+    audit_before = (out / "audit.jsonl").read_text()
+    with pytest.raises(CheckpointIntegrityError, match=r"last\.pt.*round_0001\.pt \(round 1\) is intact"):
+        run_federation(_sim_cfg(tmp_path, rounds=2), sims, out, resume=True)
+    # nothing finished is lost: every checkpoint is as it was, no round was started
+    assert {p.name: p.read_bytes() for p in (out / "checkpoints").glob("*.pt")} == kept
+    after = read_audit(out / "audit.jsonl")
+    assert (out / "audit.jsonl").read_text().startswith(audit_before)
+    assert [e["round"] for e in after if e["event"] == "round_started"] == [1]
+    # following the advice works: the intact round checkpoint over last.pt, then resume
+    last.write_bytes(round1.read_bytes())
+    run_federation(_sim_cfg(tmp_path, rounds=2), sims, out, resume=True)
+    assert load_checkpoint(last)["round"] == 2

@@ -94,6 +94,7 @@ class RoundLoop:
         arrays = initial_arrays
         start = 1
         if resume and self.store.last_path.exists():
+            self._verify_last()
             ckpt = self.store.load_last()
             if ckpt.get("model_spec") != self.model_spec:
                 raise ValueError(f"{self.store.last_path}: the checkpoint's model differs from the config "
@@ -154,6 +155,23 @@ class RoundLoop:
                          best=self.store.best)
         return RunResult(arrays=arrays, first_round=start, last_round=self.fed.rounds, failed_rounds=failed,
                          out_dir=self.out_dir)
+
+    def _verify_last(self) -> None:
+        """Check ``last.pt`` against the sha256 the audit log recorded when it was written (torch
+        reads a checkpoint with flipped bits without complaint). On a mismatch this raises
+        :class:`~tdamil.security.integrity.CheckpointIntegrityError` naming the file and an intact
+        round checkpoint to resume from; nothing is deleted or overwritten."""
+        from tdamil.security.integrity import verify_checkpoint  # noqa: PLC0415
+
+        if not self.audit.path.exists():
+            logger.warning("%s: no audit log, so %s cannot be checked against its recorded sha256.",
+                           self.out_dir, self.store.last_path)
+            return
+        if verify_checkpoint(self.store.last_path, self.audit.path) is None:
+            logger.warning("%s is not recorded in %s: resuming without an integrity check.",
+                           self.store.last_path, self.audit.path)
+        else:
+            logger.info("%s matches the sha256 recorded in %s.", self.store.last_path, self.audit.path)
 
     def _archive_previous_run(self) -> None:
         """A fresh run in a folder holding a finished/interrupted one: keep the old one aside."""
