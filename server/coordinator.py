@@ -16,13 +16,13 @@ What it does, in order:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import signal
 import subprocess
 import sys
 import threading
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -55,6 +55,8 @@ class Coordinator:
         self.processes: list[ManagedProcess] = []
         self.run_proc: Optional[subprocess.Popen] = None
         self.run_id: Optional[int] = None
+        # tags this session's audit lines: a --resume judges its own outcome, not the earlier run's
+        self.session = uuid.uuid4().hex[:12]
         tls = self.cfg.tls
         self.tls_on = all((tls.ca_cert, tls.cert, tls.key))
         if any((tls.ca_cert, tls.cert, tls.key)) and not self.tls_on:
@@ -137,7 +139,7 @@ class Coordinator:
 
         app_dir = write_app_dir(self.state_dir / "app" / "tdamil-fl")
         overrides = (f'server-config="{self.config_path}" output-dir="{self.out_dir}" '
-                     f'resume={"true" if self.resume else "false"}')
+                     f'resume={"true" if self.resume else "false"} session-id="{self.session}"')
         cmd = [flower_bin("flwr"), "run", str(app_dir), CONNECTION, "--run-config", overrides, "--stream"]
         env = flower_env(self.state_dir / "cli-home")
         log_path = self.state_dir / "logs" / "run.log"
@@ -159,12 +161,15 @@ class Coordinator:
                     sys.stdout.flush()
         return self.run_proc.wait()
 
+    def outcome(self) -> tuple[str, Optional[str]]:
+        """How THIS session's run ended per the audit log: ("finished" | "failed" | "unknown", error)."""
+        from tdamil.federation.audit import session_outcome  # noqa: PLC0415
+
+        return session_outcome(self.out_dir / "audit.jsonl", self.session)
+
     def run_finished(self) -> bool:
-        audit = self.out_dir / "audit.jsonl"
-        if not audit.exists():
-            return False
-        lines = [ln for ln in audit.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        return bool(lines) and json.loads(lines[-1]).get("event") == "run_finished"
+        """Whether this session's run wrote ``run_finished`` (an earlier session's does not count)."""
+        return self.outcome()[0] == "finished"
 
     def start(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -203,9 +208,13 @@ class Coordinator:
             code = self.submit()
         finally:
             self.stop()
-        if self.run_finished():
+        state, error = self.outcome()
+        if state == "finished":
             logger.info("Run finished. Checkpoints, metrics.csv, audit.jsonl and plots are in %s", self.out_dir)
             return 0
+        if state == "failed":
+            logger.error("The run failed: %s (details: %s)", error, self.state_dir / "logs" / "run.log")
+            return 1
         logger.error("The run did not finish (flwr run exit code %s). See %s and %s. Continue it with --resume.",
                      code, self.state_dir / "logs", self.out_dir / "audit.jsonl")
         return 1

@@ -26,7 +26,7 @@ PUBLISHER = "tdamil"
 APP_NAME = "tdamil-fl"
 COMPONENTS = {"serverapp": "tdamil.server.server_app:app", "clientapp": "tdamil.client.client_app:app"}
 # Run-config keys the ServerApp reads (overridden per run with `flwr run --run-config`).
-APP_CONFIG_DEFAULTS: dict[str, Any] = {"server-config": "", "output-dir": "", "resume": False}
+APP_CONFIG_DEFAULTS: dict[str, Any] = {"server-config": "", "output-dir": "", "resume": False, "session-id": ""}
 
 
 def _toml_value(value: Any) -> str:

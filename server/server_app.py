@@ -14,6 +14,7 @@ process next to the SuperLink. The simulation builds the same app with :func:`ma
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any, Optional
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from tdamil.federation.audit import AuditLog
 from tdamil.federation.config import CheckpointConfig, FederationConfig
 from tdamil.federation.grids import PatientGrid
 from tdamil.federation.loop import RoundLoop, RunResult
@@ -45,6 +47,7 @@ class RunSetup:
     privacy: Any = None  # tdamil.security.config.PrivacyConfig
     resume: bool = False
     plot: bool = True
+    session: Optional[str] = None  # coordinator session id, written on every audit line
     result: Optional[RunResult] = None  # filled in after the run
 
 
@@ -74,10 +77,12 @@ def _privacy(setup: RunSetup, strategy: Any, num_sites: int) -> tuple[Any, Optio
 def run_federated(grid: Grid, setup: RunSetup) -> RunResult:
     """Run (or resume) the federation described by ``setup`` on ``grid``."""
     fed = setup.federation
+    if setup.session is None:
+        setup.session = uuid.uuid4().hex[:12]
     strategy, epsilon_fn = _privacy(setup, build_strategy(fed), fed.min_sites)
     evaluate_fn = make_heldout_evaluate(setup.spec, setup.heldout) if setup.heldout else None
     loop = RoundLoop(strategy, fed, setup.spec.to_json(), setup.out_dir, ckpt=setup.checkpoint,
-                     evaluate_fn=evaluate_fn, epsilon_fn=epsilon_fn, plot=setup.plot)
+                     evaluate_fn=evaluate_fn, epsilon_fn=epsilon_fn, plot=setup.plot, session=setup.session)
     initial = model_to_arrays(build_model(setup.spec, seed=fed.seed))
     patient = PatientGrid(grid, min_nodes=fed.min_sites, wait_timeout=fed.wait_for_sites_s)
     result = loop.run(patient, initial, resume=setup.resume)
@@ -110,9 +115,31 @@ def make_server_app(setup_fn: Callable[[Context], RunSetup]) -> ServerApp:
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         _bridge_logging()
-        run_federated(grid, setup_fn(context))
+        setup: Optional[RunSetup] = None
+        try:
+            setup = setup_fn(context)
+            run_federated(grid, setup)
+        except Exception as exc:
+            record_run_failure(context, setup, exc)
+            raise
 
     return server_app
+
+
+def record_run_failure(context: Context, setup: Optional[RunSetup], exc: BaseException) -> None:
+    """Append ``run_failed`` (this session, one-line error) to the run's audit log, so the
+    coordinator reports why the run ended instead of an earlier session's result."""
+    out = setup.out_dir if setup is not None else context.run_config.get("output-dir")
+    if not out:
+        return
+    session = (setup.session if setup is not None else None) or context.run_config.get("session-id") or None
+    error = " ".join(f"{type(exc).__name__}: {exc}".split())
+    try:
+        AuditLog(Path(str(out)) / "audit.jsonl", session=str(session) if session else None).write(
+            "run_failed", error=error)
+    except OSError as log_exc:  # never hide the original error
+        logger.error("Could not record the failure in %s: %s", out, log_exc)
+    logger.error("The run failed: %s", error)
 
 
 def setup_from_run_config(context: Context) -> RunSetup:
@@ -130,7 +157,8 @@ def setup_from_run_config(context: Context) -> RunSetup:
     out_dir = Path(str(context.run_config.get("output-dir") or cfg.output_dir))
     return RunSetup(spec=ModelSpec(cfg.model, cfg.in_dim, cfg.num_classes), federation=cfg.federation,
                     out_dir=out_dir, checkpoint=cfg.checkpoint, heldout=heldout, privacy=cfg.privacy,
-                    resume=bool(context.run_config.get("resume", False)))
+                    resume=bool(context.run_config.get("resume", False)),
+                    session=str(context.run_config.get("session-id") or "") or None)
 
 
 # The ServerApp the SuperLink runs (``tdamil.server.server_app:app`` in [tool.flwr.app.components]).

@@ -369,3 +369,33 @@ def test_resume_refuses_a_checkpoint_with_flipped_bits_and_names_the_intact_roun
     last.write_bytes(round1.read_bytes())
     run_federation(_sim_cfg(tmp_path, rounds=2), sims, out, resume=True)
     assert load_checkpoint(last)["round"] == 2
+
+
+def test_a_failed_session_is_judged_by_its_own_audit_lines_not_the_earlier_run(tmp_path):
+    from tdamil.federation.audit import AuditLog, session_outcome
+    from tdamil.federation.demo import write_demo_federation
+    from tdamil.federation.simulate import run_federation
+    from tdamil.server.coordinator import Coordinator
+
+    sims = _sims()
+    out = tmp_path / "run"
+    first = run_federation(_sim_cfg(tmp_path, rounds=1), sims, out)
+    assert session_outcome(out / "audit.jsonl", first.session) == ("finished", None)
+    (out / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")  # unreadable on resume
+    with pytest.raises(ValueError):
+        run_federation(_sim_cfg(tmp_path, rounds=2), sims, out, resume=True)
+    events = read_audit(out / "audit.jsonl")
+    assert events[-1]["event"] == "run_failed" and "last.pt" in events[-1]["error"]
+    assert "\n" not in events[-1]["error"]
+    failed_session = events[-1]["session"]
+    assert failed_session != first.session
+    state, error = session_outcome(out / "audit.jsonl", failed_session)
+    assert state == "failed" and "last.pt" in error
+    # the coordinator: the earlier session's run_finished (last line) does not count for this one
+    paths = write_demo_federation(tmp_path / "demo", num_sites=2, train_bags=4, val_bags=2, test_bags=2, heldout_bags=4)
+    coord = Coordinator(paths["server"], insecure=True, resume=True, output_dir=tmp_path / "coord")
+    AuditLog(coord.out_dir / "audit.jsonl", session="earlier").write("run_finished", last_round=1)
+    assert not coord.run_finished() and coord.outcome() == ("unknown", None)
+    AuditLog(coord.out_dir / "audit.jsonl", session=coord.session).write("run_failed", error="ValueError: x")
+    AuditLog(coord.out_dir / "audit.jsonl", session="earlier").write("run_finished", last_round=1)
+    assert coord.outcome() == ("failed", "ValueError: x") and not coord.run_finished()

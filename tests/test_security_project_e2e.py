@@ -181,16 +181,20 @@ def test_damaged_checkpoint_is_detected_and_finished_rounds_kept(fed):
     try:
         with pytest.raises(CheckpointIntegrityError, match="round_0001.pt .*is intact"):
             verify_checkpoint(last, out / "audit.jsonl")
-        # a truncated checkpoint: the coordinator refuses to resume and says which file
+        # a truncated checkpoint: the coordinator refuses to resume, says which file and which
+        # intact one to use, and exits non-zero although the audit log's earlier session finished
         last.write_bytes(good[: len(good) // 3])
         res = subprocess.run([str(BIN / "flwr-server"), "--config", str(fed["paths"]["server"]), "--resume"],
                              capture_output=True, text=True, timeout=200,
                              env=dict(os.environ, FLWR_TELEMETRY_ENABLED="0"))
-        # NOTE: the exit code is not asserted: flwr-server currently exits 0 here because it judges
-        # success by the audit log's last line, still 'run_finished' from the earlier run (reported).
-        assert "last.pt: not a readable tdamil-fl checkpoint" in res.stdout + res.stderr
+        assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+        (final,) = [ln for ln in res.stderr.splitlines() if "The run failed" in ln]
+        assert "last.pt" in final and "round_0001.pt (round 1) is intact" in final
+        assert "Run finished" not in res.stdout + res.stderr
         assert round1.read_bytes() == before  # the finished round is untouched
-        assert sum(r["event"] == "run_finished" for r in _audit(out)) == 1
+        records = _audit(out)
+        assert sum(r["event"] == "run_finished" for r in records) == 1
+        assert records[-1]["event"] == "run_failed" and records[-1]["session"] != records[-2].get("session")
     finally:
         last.write_bytes(good)
 

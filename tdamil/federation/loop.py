@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,11 +51,13 @@ class RoundLoop:
 
     ``evaluate_fn(round, arrays)`` returns ``{cohort: metrics}`` for the server's held-out cohorts
     (or ``{}``). ``epsilon_fn(round)`` (DP enabled) returns the privacy budget spent so far.
+    ``session`` tags every audit line (the coordinator passes its own; default: a fresh id).
     """
 
     def __init__(self, strategy: Any, fed: FederationConfig, model_spec: str, out_dir: str | Path, *,
                  ckpt: CheckpointConfig | None = None, evaluate_fn: EvaluateFn | None = None,
-                 epsilon_fn: Callable[[int], float] | None = None, plot: bool = True) -> None:
+                 epsilon_fn: Callable[[int], float] | None = None, plot: bool = True,
+                 session: str | None = None) -> None:
         self.strategy = strategy
         self.fed = fed
         self.model_spec = model_spec
@@ -63,7 +66,8 @@ class RoundLoop:
         self.evaluate_fn = evaluate_fn
         self.epsilon_fn = epsilon_fn
         self.plot = plot
-        self.audit = AuditLog(self.out_dir / "audit.jsonl")
+        self.session = session or uuid.uuid4().hex[:12]
+        self.audit = AuditLog(self.out_dir / "audit.jsonl", session=self.session)
         self.history = MetricsHistory(self.out_dir)
         self.store = CheckpointStore(self.out_dir / "checkpoints", keep_last=self.ckpt_cfg.keep_last,
                                      metric=self.ckpt_cfg.metric, mode=self.ckpt_cfg.mode)
