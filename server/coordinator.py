@@ -75,6 +75,30 @@ class Coordinator:
         host, _, port = self.cfg.superlink.address.rpartition(":")
         if int(port) == self.cfg.superlink.internal_port:
             raise ConfigError(f"{self.config_path}: superlink.address port and superlink.internal_port must differ.")
+        if self.tls_on:
+            self.check_tls(host.strip("[]"))
+
+    def check_tls(self, public_host: str) -> None:
+        """Before anything starts: the certificate parses, is signed by ``tls.ca_cert``, is valid,
+        matches ``tls.key`` and covers 127.0.0.1 and the public host (not checked for a wildcard
+        bind address). Raises :class:`~tdamil.security.preflight.SecurityCheckError`."""
+        import ipaddress  # noqa: PLC0415
+
+        from tdamil.security.preflight import SecurityCheckError, check_server_tls  # noqa: PLC0415
+
+        source = str(self.config_path)
+        check_server_tls(self.cfg.tls, [], source=source)  # parse, CA signature, validity, key, 127.0.0.1
+        if public_host in ("0.0.0.0", "::", "", "127.0.0.1", "localhost"):
+            return
+        try:
+            check_server_tls(self.cfg.tls, [public_host], source=source)
+        except SecurityCheckError as exc:
+            try:
+                ipaddress.ip_address(public_host)
+            except ValueError:
+                raise exc from None  # sites dial this name: the certificate must cover it
+            # bound to an IP the sites may reach under a DNS name the certificate covers
+            logger.warning("%s (sites must dial a name the certificate covers).", " ".join(str(exc).split()))
 
     # ---------------------------------------------------------------------------------------
     @property
@@ -251,11 +275,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     from tdamil.federation.logs import setup_logging  # noqa: PLC0415
 
     setup_logging(args.verbose)
+    from tdamil.security.nodeauth import NodeAuthError  # noqa: PLC0415
+    from tdamil.security.preflight import SecurityCheckError  # noqa: PLC0415
+
     try:
         coordinator = Coordinator(Path(args.config), insecure=args.insecure, resume=args.resume,
                                   output_dir=args.output_dir)
-    except (ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ConfigError, ValueError, SecurityCheckError) as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     if args.check:
         print(f"{args.config}: OK")
@@ -266,6 +293,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         logger.warning("Interrupted: everything is stopped. Continue later with --resume.")
         return 130
+    except (ConfigError, SecurityCheckError, NodeAuthError) as exc:  # everything is stopped by run()
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (certificate / registration errors may span several)."""
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -164,8 +164,8 @@ def test_tampered_server_certificate_is_refused_clearly(fed, tmp_path):
     cfg.write_text(yaml.safe_dump(srv))
     res = subprocess.run([str(BIN / "flwr-server"), "--config", str(cfg)], capture_output=True, text=True,
                          timeout=180, env=dict(os.environ, FLWR_TELEMETRY_ENABLED="0"))
-    assert res.returncode != 0
-    assert "not signed by" in res.stdout + res.stderr
+    assert res.returncode == 2  # refused before the SuperLink starts, not at key registration
+    assert "not signed by" in res.stderr and "Traceback" not in res.stdout + res.stderr
 
 
 def test_damaged_checkpoint_is_detected_and_finished_rounds_kept(fed):
@@ -221,3 +221,34 @@ def test_project_commands_refuse_plaintext_and_malformed_config(fed, tmp_path):
     res = subprocess.run([str(BIN / "flwr-server"), "--config", str(broken), "--check"], capture_output=True,
                          text=True, timeout=120, env=env)
     assert res.returncode != 0 and "server_broken.yaml" in res.stderr and "line" in res.stderr
+
+
+def test_broken_or_tampered_server_certificate_is_a_one_line_error_before_anything_starts(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from tdamil.federation.demo import write_demo_federation
+
+    paths = write_demo_federation(tmp_path / "demo", num_sites=2, train_bags=4, val_bags=2, test_bags=2,
+                                  heldout_bags=4, superlink=f"127.0.0.1:{_free_port()}", internal_port=_free_port())
+    pki = tmp_path / "pki"
+    init_pki(pki, ["coordinator.example.org"])
+    broken = tmp_path / "broken.pem"  # PEM markers around bytes that are no certificate
+    broken.write_text("-----BEGIN CERTIFICATE-----\nTUlJQm9uZXk=\n-----END CERTIFICATE-----\n")
+    der = bytearray(x509.load_pem_x509_certificate((pki / "server.pem").read_bytes())
+                    .public_bytes(serialization.Encoding.DER))
+    der[der.find(b"coordinator.example.org")] ^= 0x01  # signed content altered: signature fails
+    tampered = tmp_path / "tampered.pem"
+    tampered.write_bytes(x509.load_der_x509_certificate(bytes(der)).public_bytes(serialization.Encoding.PEM))
+    srv = yaml.safe_load(paths["server"].read_text())
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0")
+    for cert, expected in ((broken, "broken.pem"), (tampered, "not signed by")):
+        srv["tls"] = {"ca_cert": str(pki / "ca.pem"), "cert": str(cert), "key": str(pki / "server.key")}
+        paths["server"].write_text(yaml.safe_dump(srv))
+        res = subprocess.run([str(BIN / "flwr-server"), "--config", str(paths["server"])], capture_output=True,
+                             text=True, timeout=120, env=env)
+        assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+        assert "Traceback" not in res.stderr and "PEM lib" not in res.stderr
+        errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and expected in errors[0], res.stderr[-2000:]
+        assert "SuperLink running" not in res.stderr  # refused before anything started
