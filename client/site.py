@@ -1,6 +1,9 @@
 """``tdamil-client --site site_a``: join the federation from a hospital.
 
 1. reads and validates ``configs/sites/<site>.yaml`` (or ``--config``) before anything starts;
+   checks the consortium CA and the site key, and makes a TLS handshake with the coordinator the
+   way the SuperNode will (a wrong CA, a plaintext server or a bad key is a clear error now, not
+   endless retries; a coordinator that is not up yet is only a warning: the SuperNode keeps trying);
 2. extracts features of slides that have none yet (``tdamil.wsi.extract.extract_site``) when
    ``data.slides_dir`` and an ``extraction`` section are set;
 3. checks that every training/validation slide has its features, so a missing file is reported
@@ -29,7 +32,33 @@ from tdamil.federation.processes import _die_with_parent, flower_bin, flower_env
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["supernode_command", "prepare_site", "run_supernode", "main"]
+__all__ = ["supernode_command", "check_connection", "prepare_site", "run_supernode", "main"]
+
+
+def check_connection(address: str, ca_cert: Path | str, timeout: float = 5.0) -> bool:
+    """TLS handshake with the coordinator, verified against ``ca_cert``, before the SuperNode starts.
+
+    Returns True when verified; False (with a warning) when the coordinator cannot be reached yet:
+    refused, timed out or unresolvable, which the SuperNode's own retries cover. Raises
+    :class:`~tdamil.security.preflight.SecurityCheckError` for a TLS problem (certificate from
+    another CA, plaintext server, name not covered, expired), which retrying would never fix.
+    """
+    import socket  # noqa: PLC0415
+
+    from tdamil.security.preflight import probe_tls, split_address  # noqa: PLC0415
+
+    host, port = split_address(address)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        logger.warning("The coordinator at %s cannot be reached yet (%s); the SuperNode will keep trying. If this "
+                       "lasts, check federation.superlink, that the coordinator runs, and that the firewall allows "
+                       "outbound TCP to port %d.", address, exc.__class__.__name__ if not str(exc) else exc, port)
+        return False
+    version = probe_tls(address, ca_cert, timeout=timeout)
+    logger.info("TLS link to the coordinator %s verified (%s, CA %s).", address, version, ca_cert)
+    return True
 
 
 def supernode_command(cfg: Any, config_path: Path, *, insecure: bool = False) -> list[str]:
@@ -86,7 +115,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--no-extract", action="store_true", help="do not extract missing features")
     parser.add_argument("--state-dir", type=Path, default=None,
                         help="Flower's working folder at the site (default: ~/.tdamil/sites/<site>)")
-    parser.add_argument("--check", action="store_true", help="validate config and data, then exit")
+    parser.add_argument("--check", action="store_true", help="validate config, data and the TLS link to the coordinator (when it is up), then exit")
     parser.add_argument("--once", action="store_true", help="exit when the SuperNode exits (default: reconnect)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -94,6 +123,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     setup_logging(args.verbose)
     from tdamil.client.config import load_site_config, site_config_path  # noqa: PLC0415
+    from tdamil.security.preflight import SecurityCheckError, check_site_security  # noqa: PLC0415
 
     path = args.config if args.config is not None else site_config_path(args.site, args.configs_dir)
     try:
@@ -104,17 +134,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ConfigError(f"{path}: no tls.ca_cert. The site refuses to send its model over an unencrypted link. "
                               "Set tls.ca_cert to the consortium CA from the coordinator, or pass --insecure for a "
                               "local test.")
+        check_site_security(cfg.tls, cfg.auth, args.insecure, source=str(path))  # CA file, site key
+        if not args.insecure:
+            check_connection(cfg.federation.superlink, cfg.tls.ca_cert)
         sizes = prepare_site(cfg, extraction, extract=not args.no_extract)
-    except (ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ConfigError, ValueError, SecurityCheckError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     logger.info("Site %s: %s slides (train/val/test); coordinator %s.", cfg.site,
                 "/".join(str(sizes[k]) for k in ("train", "val", "test")), cfg.federation.superlink)
     if args.check:
         print(f"{path}: OK")
         return 0
-    if args.insecure:
-        logger.warning("--insecure: NO TLS to the coordinator. Use this only for a local test.")
     state = args.state_dir or Path.home() / ".tdamil" / "sites" / cfg.site
     threads = getattr(cfg.federation, "cpu_threads", None)
     return run_supernode(supernode_command(cfg, path, insecure=args.insecure), flwr_env=flower_env(state, threads=threads),

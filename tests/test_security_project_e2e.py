@@ -252,3 +252,88 @@ def test_broken_or_tampered_server_certificate_is_a_one_line_error_before_anythi
         errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
         assert len(errors) == 1 and expected in errors[0], res.stderr[-2000:]
         assert "SuperLink running" not in res.stderr  # refused before anything started
+
+
+def _serve(port: int, tls_files: tuple[Path, Path] | None, stop) -> None:
+    """Accept connections on 127.0.0.1:port until ``stop`` is set: a TLS handshake with the given
+    certificate and key, or (None) a plaintext HTTP answer."""
+    import ssl
+
+    ctx = None
+    if tls_files is not None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(tls_files[0]), str(tls_files[1]))
+    with socket.socket() as srv:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", port))
+        srv.listen(8)
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    if ctx is None:
+                        conn.recv(1024)
+                        conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                    else:
+                        with ctx.wrap_socket(conn, server_side=True):
+                            pass
+                except (OSError, ssl.SSLError):
+                    pass
+
+
+def test_site_checks_ca_key_and_tls_link_before_starting_the_supernode(tmp_path, capsys, caplog):
+    import logging
+
+    import threading
+
+    from tdamil.client.site import main as client_main
+    from tdamil.federation.demo import write_demo_federation
+
+    paths = write_demo_federation(tmp_path / "demo", num_sites=2, train_bags=4, val_bags=2, test_bags=2,
+                                  heldout_bags=4)
+    pki, other = tmp_path / "pki", tmp_path / "other"
+    init_pki(pki, ["coordinator.example.org"])
+    init_pki(other, ["coordinator.example.org"])
+    bundle = issue_site("site_a", pki=pki)
+    tls_port, plain_port, closed_port = _free_port(), _free_port(), _free_port()
+    stop = threading.Event()
+    servers = [threading.Thread(target=_serve, args=(tls_port, (pki / "server.pem", pki / "server.key"), stop)),
+               threading.Thread(target=_serve, args=(plain_port, None, stop))]
+    for t in servers:
+        t.start()
+    site = yaml.safe_load(paths["site_a"].read_text())
+    bad_key = tmp_path / "bad.key"
+    bad_key.write_text("-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
+    cases = [  # (port, ca, key, exit code, text expected on stderr / in the log)
+        (tls_port, pki / "ca.pem", bundle.private_key, 0, "TLS link to the coordinator"),
+        (closed_port, pki / "ca.pem", bundle.private_key, 0, "cannot be reached yet"),  # not up yet: SuperNode retries
+        (tls_port, other / "ca.pem", bundle.private_key, 2, "not signed by the CA"),
+        (plain_port, pki / "ca.pem", bundle.private_key, 2, "does not speak TLS"),
+        (tls_port, pki / "ca.pem", bad_key, 2, "auth.private_key"),
+    ]
+    try:
+        for port, ca, key, code, text in cases:
+            site["federation"]["superlink"] = f"127.0.0.1:{port}"
+            site["tls"] = {"ca_cert": str(ca)}
+            site["auth"] = {"private_key": str(key)}
+            cfg = paths["site_a"].parent / "site_a_check.yaml"
+            cfg.write_text(yaml.safe_dump(site))
+            caplog.clear()
+            with caplog.at_level(logging.INFO):
+                rc = client_main(["--config", str(cfg), "--check", "--no-extract"])
+            err = capsys.readouterr().err
+            assert rc == code, (port, text, err[-2000:])
+            if code == 0:
+                assert text in caplog.text
+            else:
+                (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]
+                assert text in line and "Traceback" not in err
+    finally:
+        stop.set()
+        for t in servers:
+            t.join(timeout=10)
