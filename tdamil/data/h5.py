@@ -23,12 +23,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+
+from tdamil.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -134,10 +135,8 @@ def write_features(
     if missing:
         logger.debug("%s: TRIDENT attributes not given: %s", path, ", ".join(missing))
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     n, d = feats.shape
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             if n > 0:
                 rows = min(CHUNK_ROWS, n)
@@ -152,13 +151,6 @@ def write_features(
                     continue
                 f.attrs[key] = stored
                 f["coords"].attrs[key] = stored
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
     logger.debug("wrote %s: %d x %d features", path, n, d)
     return path
 

@@ -33,7 +33,6 @@ import ipaddress
 import logging
 import os
 import re
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tdamil.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -139,27 +140,13 @@ def _refuse_overwrite(paths: Sequence[Path], force: bool) -> None:
 
 def _write_private(path: Path, data: bytes) -> None:
     """Write a private key with mode 0600 from the start (no window where others can read it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    with atomic_path(path, mode=0o600) as tmp:
+        tmp.write_bytes(data)
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    with atomic_path(path, mode=0o644) as tmp:
+        tmp.write_bytes(data)
 
 
 def _pem_cert(cert: x509.Certificate) -> bytes:

@@ -16,10 +16,8 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 import random
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Optional, Sequence
@@ -29,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tdamil.atomic import atomic_path
 from tdamil.config import to_dict
 from tdamil.data.bags import BagDataset, class_counts
 from tdamil.train.metrics import classification_metrics, higher_is_better, nan_metrics
@@ -382,7 +381,6 @@ def save_checkpoint(
 ) -> Path:
     """Write model weights + configs + metrics to ``path`` atomically (temp file, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -392,13 +390,8 @@ def save_checkpoint(
         "epoch": epoch,
         "extra": dict(extra or {}),
     }
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -446,12 +439,10 @@ def _write_history_csv(path: Path, history: Sequence[Mapping[str, float]]) -> No
     keys: list[str] = []
     for row in history:
         keys += [k for k in row if k not in keys]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys)
         w.writeheader()
         w.writerows(history)
-    os.replace(tmp, path)
 
 
 def fit(

@@ -14,6 +14,8 @@ from typing import Optional
 
 import numpy as np
 
+from tdamil.atomic import atomic_path
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["score_canvas", "save_heatmap", "heatmap_for_slide"]
@@ -98,10 +100,8 @@ def save_heatmap(
         sm = plt.cm.ScalarMappable(norm=norm, cmap=cm)
         fig.colorbar(sm, ax=ax, fraction=0.046, pad=0.02, label=label + (" (rank)" if normalize else ""))
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".tmp.png") as tmp:
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(fig)
     return path

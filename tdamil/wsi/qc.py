@@ -13,6 +13,8 @@ from typing import Optional
 import cv2
 import numpy as np
 
+from tdamil.atomic import atomic_path
+
 from .tissue import TissueMask
 
 __all__ = ["qc_image", "save_qc_thumbnail"]
@@ -51,10 +53,8 @@ def save_qc_thumbnail(path: str | os.PathLike, tissue: TissueMask, coords: np.nd
                       title: Optional[str] = None) -> Path:
     """Write :func:`qc_image` as PNG to ``path`` (folders created); returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = qc_image(tissue, coords, patch_size_level0, title)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    if not cv2.imwrite(str(tmp), cv2.cvtColor(img, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"{path}: could not write the QC picture")
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".tmp.png") as tmp:
+        if not cv2.imwrite(str(tmp), cv2.cvtColor(img, cv2.COLOR_RGB2BGR)):
+            raise OSError(f"{path}: could not write the QC picture")
     return path
