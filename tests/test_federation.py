@@ -337,10 +337,21 @@ def test_flower_console_lines_get_the_project_format():
     line = reformat_flower_line("\x1b[93mWARNING \x1b[0m:   fraction_evaluate is set to 0.0: skipped\n")
     assert re.match(_LOG_LINE + r"fraction_evaluate is set to 0\.0: skipped\n$", line) and " flwr: " in line
     assert reformat_flower_line("Successfully started run 7\n") == "Successfully started run 7\n"
-    handlers = format_flower_console()  # what flwr-serverapp streams to the coordinator
-    assert handlers
-    record = logging.LogRecord("flwr", logging.INFO, __file__, 1, "aggregate_train: Received %d results", (2,), None)
-    assert re.match(_LOG_LINE + "aggregate_train: Received 2 results$", handlers[0].format(record))
+    from flwr.common.logger import console_handler
+
+    flwr_logger = logging.getLogger("flwr")
+    attached = console_handler in flwr_logger.handlers  # an in-process run earlier may have routed it to root
+    if not attached:
+        flwr_logger.addHandler(console_handler)
+    try:
+        handlers = format_flower_console()  # what flwr-serverapp streams to the coordinator
+        assert handlers == [console_handler]
+        record = logging.LogRecord("flwr", logging.INFO, __file__, 1, "aggregate_train: Received %d results", (2,),
+                                   None)
+        assert re.match(_LOG_LINE + "aggregate_train: Received 2 results$", console_handler.format(record))
+    finally:
+        if not attached:
+            flwr_logger.removeHandler(console_handler)
 
 
 def test_resume_refuses_a_checkpoint_with_flipped_bits_and_names_the_intact_round(tmp_path):
