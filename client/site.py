@@ -119,7 +119,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--once", action="store_true", help="exit when the SuperNode exits (default: reconnect)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    from tdamil.federation.logs import setup_logging  # noqa: PLC0415
+    from tdamil.logs import setup_logging  # noqa: PLC0415
 
     setup_logging(args.verbose)
     from tdamil.client.config import load_site_config, site_config_path  # noqa: PLC0415
@@ -206,7 +206,7 @@ _ENDED_MARKERS = ("SuperNode terminated", "Giving up reconnection")
 def _follow(proc: subprocess.Popen, ended: threading.Event) -> None:
     """Echo the SuperNode's output; flag its "terminated" line."""
     assert proc.stdout is not None
-    from tdamil.federation.logs import reformat_flower_line  # noqa: PLC0415
+    from tdamil.logs import reformat_flower_line  # noqa: PLC0415
 
     for line in proc.stdout:
         sys.stdout.write(reformat_flower_line(line, source="flower-supernode"))

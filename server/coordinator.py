@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tdamil.config import ConfigError
-from tdamil.federation.logs import reformat_flower_line
+from tdamil.logs import reformat_flower_line
 from tdamil.federation.processes import ManagedProcess, flower_bin, flower_env, wait_for_port
 
 logger = logging.getLogger(__name__)
@@ -272,7 +272,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--check", action="store_true", help="only validate the config and exit")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    from tdamil.federation.logs import setup_logging  # noqa: PLC0415
+    from tdamil.logs import setup_logging  # noqa: PLC0415
 
     setup_logging(args.verbose)
     from tdamil.security.nodeauth import NodeAuthError  # noqa: PLC0415

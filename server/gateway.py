@@ -20,6 +20,8 @@ import logging
 import sys
 from typing import Optional
 
+from tdamil.logs import setup_logging
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["ALLOWED_PREFIXES", "create_gateway_app", "main"]
@@ -77,7 +79,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--ssl-keyfile", default=None)
     parser.add_argument("--ca-cert", default=None, help="CA that signed the SuperLink's certificate")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s gateway: %(message)s")
+    setup_logging()
     import uvicorn  # noqa: PLC0415
 
     host, _, port = args.listen.rpartition(":")

@@ -94,7 +94,7 @@ def _bridge_logging() -> None:
     """In ``flwr-serverapp`` only Flower's console handler reaches the coordinator's log stream:
     give it the project's format (time, level, source) and route the project's loggers through it.
     Where the process already logs (simulation, tests), Flower's lines go through that, once."""
-    from tdamil.federation.logs import format_flower_console, route_flower_to_root  # noqa: PLC0415
+    from tdamil.logs import format_flower_console, route_flower_to_root  # noqa: PLC0415
 
     if logging.getLogger().handlers:
         route_flower_to_root()

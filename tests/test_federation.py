@@ -332,7 +332,7 @@ def test_flower_console_lines_get_the_project_format():
     import logging
     import re
 
-    from tdamil.federation.logs import format_flower_console, reformat_flower_line
+    from tdamil.logs import format_flower_console, reformat_flower_line
 
     line = reformat_flower_line("\x1b[93mWARNING \x1b[0m:   fraction_evaluate is set to 0.0: skipped\n")
     assert re.match(_LOG_LINE + r"fraction_evaluate is set to 0\.0: skipped\n$", line) and " flwr: " in line

@@ -370,7 +370,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    from tdamil.federation.logs import setup_logging  # noqa: PLC0415
+    from tdamil.logs import setup_logging  # noqa: PLC0415
 
     setup_logging(args.verbose)
     overrides: dict[str, Any] = {}

@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tdamil.atomic import atomic_path
+from tdamil.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -599,7 +600,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``tdamil-certs``; returns the exit status (0 ok, 1 a check failed, 2 usage)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = _parser().parse_args(argv)
     try:
         if args.command == "init":

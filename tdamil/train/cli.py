@@ -36,6 +36,7 @@ from tdamil.data.config import DataConfig
 from tdamil.data.digits import DigitsBagsConfig, make_digits_bags
 from tdamil.data.manifest import ManifestError, load_manifest
 from tdamil.data.splits import folds_from_column, patient_kfold, patient_split, split_from_column
+from tdamil.logs import setup_logging
 from tdamil.train.engine import CheckpointError, TrainConfig, evaluate, fit, seed_everything
 from tdamil.train.metrics import METRIC_KEYS
 from tdamil.train.plots import plot_learning_curve
@@ -185,7 +186,7 @@ def run(cfg: TrainRunConfig, *, model_override: Optional[str] = None, source: st
 
         torch.set_num_threads(cfg.train.num_threads)
     name = model_cfg.name
-    root = Path(cfg.output_dir) / name
+    root = Path(cfg.output_dir).resolve() / name
     root.mkdir(parents=True, exist_ok=True)
     resolved = to_dict(cfg)
     resolved["model"] = to_dict(model_cfg)
@@ -267,7 +268,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = load_config(args.config, TrainRunConfig, overrides=overrides)
         if args.output is not None:
             cfg = replace(cfg, output_dir=args.output)
-        logging.basicConfig(level=getattr(logging, cfg.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        setup_logging(level=cfg.log_level)
         out = run(cfg, model_override=args.model, source=str(args.config))
     except (ConfigError, ManifestError, BagFileError, CheckpointError) as exc:
         print(f"tdamil-train: error: {exc}", file=sys.stderr)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from tdamil.config import ConfigError, from_dict, load_yaml
+from tdamil.logs import setup_logging
 
 logger = logging.getLogger("tdamil.wsi.cli")
 
@@ -60,7 +61,7 @@ def load_extraction_sections(path: Path, overrides: Optional[dict] = None):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(level=args.log_level)
     path = args.config if args.config is not None else args.configs_dir / f"{args.site}.yaml"
     overrides = {k: v for k, v in (("device", args.device), ("batch_size", args.batch_size),
                                    ("num_workers", args.num_workers)) if v is not None}

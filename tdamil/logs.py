@@ -1,4 +1,4 @@
-"""One log format for the project's processes, Flower's lines included.
+"""One log format for every command of the project, Flower's lines included.
 
 Flower 1.42 gives its ``flwr`` logger its own coloured console handler (``INFO :      ...``, no
 time, no source) and lets the records propagate too, so a process that also configures the root
@@ -33,10 +33,15 @@ def flower_console_handlers() -> list[logging.Handler]:
     return [h for h in logging.getLogger("flwr").handlers if isinstance(h, ConsoleHandler)]
 
 
-def setup_logging(verbose: bool = False) -> None:
-    """Root logging for a command (``flwr-server``, ``tdamil-client``, ``tdamil-simulate``): one
-    line per record, ``2026-01-31 14:02:03 INFO flwr: ...``; Flower's lines go through it once."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT, datefmt=DATE_FORMAT)
+def setup_logging(verbose: bool = False, level: int | str | None = None) -> None:
+    """Root logging for every command of the project: one line per record,
+    ``2026-01-31 14:02:03 INFO flwr: ...``; Flower's lines go through it once.
+
+    ``level`` (a name like ``"WARNING"`` or a number) wins over ``verbose`` (DEBUG) and the default INFO.
+    """
+    if level is None:
+        level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format=LOG_FORMAT, datefmt=DATE_FORMAT)
     route_flower_to_root()
 
 
