@@ -4,6 +4,7 @@ dataset-as-site manifest simulation with a held-out cohort. Tiny sizes."""
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import torch
@@ -95,10 +96,15 @@ def test_ray_engine_runs_the_same_apps(tmp_path):
     path = tmp_path / "ray.yaml"
     path.write_text(yaml.safe_dump(cfg))
     threads = torch.get_num_threads()
+    env_before = dict(os.environ)
     try:
         assert main(["--config", str(path)]) == 0
     finally:
         torch.set_num_threads(threads)
+    # Ray sets PYTHONPATH & co. in the calling process; later subprocesses must not inherit them.
+    leaked = {k for k in set(os.environ) | set(env_before)
+              if (k.startswith(("PYTHON", "RAY_")) and os.environ.get(k) != env_before.get(k))}
+    assert not leaked, f"the Ray engine left these variables changed: {sorted(leaked)}"
     import json
 
     events = [json.loads(x) for x in (tmp_path / "ray" / "audit.jsonl").read_text().splitlines()]

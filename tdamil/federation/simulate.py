@@ -19,6 +19,7 @@ import argparse
 import csv
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -212,14 +213,22 @@ def run_federation(cfg: SimConfig, sims: SimSites, out_dir: Path, *, resume: boo
         grid = InProcessGrid(client_app, {1000 + i: {"site": n} for i, n in enumerate(names)}, on_message=on_message)
         server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
     else:
+        # Ray and Flower's simulation set PYTHONPATH and other variables in this process (some at
+        # import): put the environment back so later subprocesses (a SuperLink, an external CLI)
+        # are not affected.
+        saved_env = dict(os.environ)
         try:
             from flwr.simulation import run_simulation  # noqa: PLC0415
             import ray  # noqa: F401, PLC0415
         except ImportError:
             raise SystemExit("engine: ray needs Flower's simulation extra: pip install 'tdamil-fl[ray]'.") from None
         # Ray runs the ServerApp in this process; the setup object is filled in place.
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(names),
-                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+        try:
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(names),
+                           backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+        finally:
+            os.environ.clear()
+            os.environ.update(saved_env)
     return setup
 
 
