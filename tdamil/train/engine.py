@@ -381,11 +381,15 @@ def save_checkpoint(
 ) -> Path:
     """Write model weights + configs + metrics to ``path`` atomically (temp file, then rename)."""
     path = Path(path)
+    if model_config is None:  # every tdamil model keeps its config dataclass as .cfg
+        model_config = getattr(model, "cfg", None)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "train_config": to_dict(train_config) if train_config is not None else None,
         "model_config": to_dict(model_config) if model_config is not None else None,
+        "in_dim": getattr(model, "in_dim", None),
+        "num_classes": getattr(model, "num_classes", None),
         "metrics": dict(metrics or {}),
         "epoch": epoch,
         "extra": dict(extra or {}),
