@@ -10,7 +10,6 @@ import sys
 import tomllib
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
@@ -27,13 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = {"name": "tdamil", "dim": 16, "depth": 1, "num_heads": 2}
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models run fastest single-threaded (and the CI's 2 cores are shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _digits_sites(num_sites: int = 2, train: int = 8, val: int = 6, test: int = 6):

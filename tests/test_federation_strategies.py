@@ -11,12 +11,7 @@ from tdamil.federation.config import FederationConfig
 from tdamil.security.config import PrivacyConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _run(tmp_path, rounds=2, privacy=None, **fed):

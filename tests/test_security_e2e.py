@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tdamil.federation.processes import free_port
 from tdamil.security.certs import init_pki, issue_site
 from tdamil.security.config import SiteAuthConfig, TLSConfig
 from tdamil.security.nodeauth import NodeAuthError, list_site_nodes, register_site_keys, unregister_site
@@ -31,10 +32,6 @@ pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 40.0) -> None:
@@ -129,7 +126,7 @@ def world(tmp_path_factory):
     (root / "unregistered").mkdir()
     shutil.move(pki / "site_keys" / "site_b.pub", root / "unregistered" / "site_b.pub")
     procs = Procs(root)
-    port = _free_port()
+    port = free_port()
     link, log = procs.start("superlink_tls", superlink_args(port, pki))
     try:
         _wait_port(port, link, log)
@@ -167,7 +164,7 @@ def test_registered_site_joins_over_tls(world):
     again = register_site_keys(pki / "site_keys", superlink="c", flwr_home=home)
     assert list(again) == ["site_a"]
     assert again["site_a"].node_id == reg["site_a"].node_id and not again["site_a"].newly_registered
-    node, log = procs.start("site_a", supernode_args(port, _free_port(), ca=site / "ca.pem",
+    node, log = procs.start("site_a", supernode_args(port, free_port(), ca=site / "ca.pem",
                                                      key=site / "site_a.key", site="site_a"))
     _wait_status(port, pki / "ca.pem", "site_a", "online")
     assert node.poll() is None, log.read_text()
@@ -177,7 +174,7 @@ def test_registered_site_joins_over_tls(world):
 def test_unregistered_site_key_is_rejected(world):
     pki, port, procs = world["pki"], world["port"], world["procs"]
     site = pki / "sites" / "site_b"
-    node, log = procs.start("site_b", supernode_args(port, _free_port(), ca=site / "ca.pem",
+    node, log = procs.start("site_b", supernode_args(port, free_port(), ca=site / "ca.pem",
                                                      key=site / "site_b.key", site="site_b"))
     assert procs.wait_exit(node) != 0
     assert "Failed to activate SuperNode" in log.read_text()
@@ -193,7 +190,7 @@ def test_site_without_the_consortium_ca_fails_clearly(world, tmp_path):
     with pytest.raises(SecurityCheckError, match="does not cover 'evil.example.org'"):
         probe_tls(f"127.0.0.1:{port}", pki / "ca.pem", server_name="evil.example.org")
     site = pki / "sites" / "site_a"
-    node, log = procs.start("site_noca", supernode_args(port, _free_port(), ca=None,
+    node, log = procs.start("site_noca", supernode_args(port, free_port(), ca=None,
                                                         key=site / "site_a.key", site="site_a"))
     assert procs.wait_exit(node) != 0
     assert "CERTIFICATE_VERIFY_FAILED" in log.read_text()
@@ -206,7 +203,7 @@ def test_site_without_the_consortium_ca_fails_clearly(world, tmp_path):
 def test_wrong_private_key_for_a_registered_site_is_rejected(world, tmp_path):
     pki, port, procs = world["pki"], world["port"], world["procs"]
     impostor = issue_site("site_a", ca_cert=pki / "ca.pem", out=tmp_path / "impostor")
-    node, log = procs.start("site_a_impostor", supernode_args(port, _free_port(), ca=impostor.ca_cert,
+    node, log = procs.start("site_a_impostor", supernode_args(port, free_port(), ca=impostor.ca_cert,
                                                               key=impostor.private_key, site="site_a"))
     assert procs.wait_exit(node) != 0
     assert "Failed to activate SuperNode" in log.read_text()
@@ -217,7 +214,7 @@ def test_revoked_site_can_no_longer_join(world):
     reg = register_site_keys(pki / "site_keys", f"127.0.0.1:{port}", ca_cert=pki / "ca.pem")
     unregister_site(f"127.0.0.1:{port}", reg["site_a"].node_id, ca_cert=pki / "ca.pem")
     site = pki / "sites" / "site_a"
-    node, log = procs.start("site_a_revoked", supernode_args(port, _free_port(), ca=site / "ca.pem",
+    node, log = procs.start("site_a_revoked", supernode_args(port, free_port(), ca=site / "ca.pem",
                                                              key=site / "site_a.key", site="site_a"))
     assert procs.wait_exit(node) != 0
     assert "Failed to activate SuperNode" in log.read_text()
@@ -232,7 +229,7 @@ def test_plaintext_is_refused_without_insecure(tmp_path):
     procs = Procs(tmp_path)
     try:
         # Flower itself: no certificates and no --insecure -> the SuperLink does not start
-        port = _free_port()
+        port = free_port()
         link, log = procs.start("superlink_nocert", superlink_args(port, None, auth=False))
         assert procs.wait_exit(link) != 0
         assert "Certificates are required unless running in insecure mode" in log.read_text()
@@ -243,14 +240,14 @@ def test_plaintext_is_refused_without_insecure(tmp_path):
             require_tls(TLSConfig(), insecure=False, role="server", source="server.yaml")
         assert require_tls(TLSConfig(), insecure=True, role="site") is False
         # A plaintext SuperLink (--insecure) is detected by the site's TLS probe and by the SuperNode
-        port = _free_port()
+        port = free_port()
         link, log = procs.start("superlink_plain", superlink_args(port, None, auth=False) + ["--insecure"])
         _wait_port(port, link, log)
         pki = tmp_path / "pki"
         init_pki(pki, ["coordinator.example.org"])
         with pytest.raises(SecurityCheckError, match="does not speak TLS"):
             probe_tls(f"127.0.0.1:{port}", pki / "ca.pem")
-        node, nlog = procs.start("site_tls_to_plain", supernode_args(port, _free_port(), ca=pki / "ca.pem",
+        node, nlog = procs.start("site_tls_to_plain", supernode_args(port, free_port(), ca=pki / "ca.pem",
                                                                      key=None, site="site_a"))
         assert procs.wait_exit(node) != 0
         assert "SSL" in nlog.read_text()
@@ -281,7 +278,7 @@ def test_tampered_or_mismatched_server_files_are_caught_before_start(tmp_path):
         shutil.copy(pki / "ca.pem", mixed / "ca.pem")
         shutil.copy(pki / "server.pem", mixed / "server.pem")
         shutil.copy(other.server_key, mixed / "server.key")
-        link, log = procs.start("superlink_mixed", superlink_args(_free_port(), mixed))
+        link, log = procs.start("superlink_mixed", superlink_args(free_port(), mixed))
         assert procs.wait_exit(link) != 0
     finally:
         procs.stop_all()

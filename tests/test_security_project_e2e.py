@@ -13,12 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tdamil.federation.processes import free_port
 from tdamil.security.certs import init_pki, issue_site
 from tdamil.security.integrity import CheckpointIntegrityError, sha256_of, verify_checkpoint
 
@@ -26,10 +26,6 @@ pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(cmd: list[str], log: Path, cwd: Path) -> subprocess.Popen:
@@ -56,10 +52,10 @@ def fed(tmp_path_factory):
     from tdamil.federation.demo import write_demo_federation
 
     root = tmp_path_factory.mktemp("proj_e2e")
-    public, internal = _free_port(), _free_port()
+    public, internal = free_port(), free_port()
     paths = write_demo_federation(
         root / "demo", num_sites=2, train_bags=12, val_bags=6, test_bags=6, heldout_bags=20,
-        superlink=f"127.0.0.1:{public}", internal_port=internal, runtime_ports=[_free_port(), _free_port()],
+        superlink=f"127.0.0.1:{public}", internal_port=internal, runtime_ports=[free_port(), free_port()],
         federation={"rounds": 1, "evaluate_sites": False, "round_timeout_s": 200, "wait_for_sites_s": 200},
     )
     pki = root / "pki"
@@ -159,7 +155,7 @@ def test_tampered_server_certificate_is_refused_clearly(fed, tmp_path):
     srv = dict(fed["server_cfg"])
     srv["tls"] = dict(srv["tls"], cert=str(bad))
     srv["output_dir"] = str(tmp_path / "run")
-    srv["superlink"] = {"address": f"127.0.0.1:{_free_port()}", "internal_port": _free_port()}
+    srv["superlink"] = {"address": f"127.0.0.1:{free_port()}", "internal_port": free_port()}
     cfg = fed["paths"]["server"].parent / "server_tampered.yaml"
     cfg.write_text(yaml.safe_dump(srv))
     res = subprocess.run([str(BIN / "flwr-server"), "--config", str(cfg)], capture_output=True, text=True,
@@ -230,7 +226,7 @@ def test_broken_or_tampered_server_certificate_is_a_one_line_error_before_anythi
     from tdamil.federation.demo import write_demo_federation
 
     paths = write_demo_federation(tmp_path / "demo", num_sites=2, train_bags=4, val_bags=2, test_bags=2,
-                                  heldout_bags=4, superlink=f"127.0.0.1:{_free_port()}", internal_port=_free_port())
+                                  heldout_bags=4, superlink=f"127.0.0.1:{free_port()}", internal_port=free_port())
     pki = tmp_path / "pki"
     init_pki(pki, ["coordinator.example.org"])
     broken = tmp_path / "broken.pem"  # PEM markers around bytes that are no certificate
@@ -300,7 +296,7 @@ def test_site_checks_ca_key_and_tls_link_before_starting_the_supernode(tmp_path,
     init_pki(pki, ["coordinator.example.org"])
     init_pki(other, ["coordinator.example.org"])
     bundle = issue_site("site_a", pki=pki)
-    tls_port, plain_port, closed_port = _free_port(), _free_port(), _free_port()
+    tls_port, plain_port, closed_port = free_port(), free_port(), free_port()
     stop = threading.Event()
     servers = [threading.Thread(target=_serve, args=(tls_port, (pki / "server.pem", pki / "server.key"), stop)),
                threading.Thread(target=_serve, args=(plain_port, None, stop))]

@@ -5,20 +5,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from tdamil.data.h5 import write_features
 from tdamil.train.cli import main
 from tdamil.train.metrics import METRIC_KEYS
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny bags run fastest on one thread (the 2 shared cores otherwise spin-wait); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = """
 output_dir: out

@@ -20,13 +20,7 @@ from tdamil.train.engine import (
 from tdamil.train.metrics import METRIC_KEYS
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny bags run fastest on one thread (the 2 shared cores otherwise spin-wait); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class TinyAttnMIL(nn.Module):

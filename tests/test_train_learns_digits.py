@@ -8,12 +8,7 @@ from tdamil.models import create_model
 from tdamil.train.engine import TrainConfig, evaluate, fit
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_tdamil_learns_digits_bags():
