@@ -12,6 +12,17 @@ import yaml
 from tdamil.federation.simulate import main
 
 
+def _simulate(path, cfg: dict) -> None:
+    """Write ``cfg`` to ``path`` and run ``tdamil-simulate`` on it (it sets torch's thread count:
+    the test's own setting is put back afterwards)."""
+    path.write_text(yaml.safe_dump(cfg))
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--config", str(path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_simulate_command_writes_comparison_and_plots(tmp_path):
     cfg = {
         "output_dir": str(tmp_path / "sim"),
@@ -21,13 +32,7 @@ def test_simulate_command_writes_comparison_and_plots(tmp_path):
         "federation": {"rounds": 2, "lr": 0.002, "min_sites": 2},
         "train": {"device": "cpu", "progress": False},
     }
-    path = tmp_path / "sim.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    threads = torch.get_num_threads()
-    try:
-        assert main(["--config", str(path)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    _simulate(tmp_path / "sim.yaml", cfg)
     out = tmp_path / "sim"
     rows = list(csv.DictReader(open(out / "comparison.csv")))
     assert [r["evaluated_on"] for r in rows] == ["site_a", "site_b", "held-out:held_out"]
@@ -62,13 +67,7 @@ def test_manifest_cohorts_become_sites_with_one_held_out(tmp_path, capsys):
         "federation": {"rounds": 1, "lr": 0.002, "min_sites": 2},
         "train": {"device": "cpu", "progress": False},
     }
-    path = tmp_path / "sim.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    threads = torch.get_num_threads()
-    try:
-        assert main(["--config", str(path)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    _simulate(tmp_path / "sim.yaml", cfg)
     import json
 
     rows = [json.loads(x) for x in (tmp_path / "sim" / "metrics.jsonl").read_text().splitlines()]
@@ -92,14 +91,8 @@ def test_ray_engine_runs_the_same_apps(tmp_path):
         "federation": {"rounds": 1, "lr": 0.002, "min_sites": 2},
         "train": {"device": "cpu", "progress": False},
     }
-    path = tmp_path / "ray.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    threads = torch.get_num_threads()
     env_before = dict(os.environ)
-    try:
-        assert main(["--config", str(path)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    _simulate(tmp_path / "ray.yaml", cfg)
     # Ray sets PYTHONPATH & co. in the calling process; later subprocesses must not inherit them.
     leaked = {k for k in set(os.environ) | set(env_before)
               if (k.startswith(("PYTHON", "RAY_")) and os.environ.get(k) != env_before.get(k))}
