@@ -75,6 +75,7 @@ def test_manifest_cohorts_become_sites_with_one_held_out(tmp_path, capsys):
     assert {r["site"] for r in rows if r["phase"] == "heldout"} == {"site_c"}
     bad = dict(cfg)
     bad["data"] = {"source": "manifest", "manifest": dict(cfg["data"]["manifest"], held_out=["nowhere"])}
+    path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(bad))
     assert main(["--config", str(path)]) == 2  # an unknown cohort is a clear error, no traceback
     err = capsys.readouterr().err
