@@ -7,7 +7,8 @@ This is the last step of the data flow (slide -> patches -> features -> bags -> 
 site's manifest and cached features, runs the model (the federation's global checkpoint or a
 ``tdamil-train`` checkpoint), and writes into ``--out``:
 
-* ``predictions.csv``: slide_id, true label, predicted class and one probability column per class;
+* ``predictions.csv``: slide_id, true label, predicted class and one probability column per class
+  (:meth:`~tdamil.train.engine.EvalResult.predictions_table`);
 * ``metrics.json``: AUROC, balanced accuracy, F1, ... over these slides (undefined values are null);
 * ``heatmaps/<slide_id>.png``: the model's per-patch scores (TDA-MIL's task relevance ``s_i``,
   ABMIL's attention) painted over the slide thumbnail, where the slide file can be found.
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,10 +97,6 @@ def load_trained_model(path: str | Path) -> TrainedModel:
     return TrainedModel(model, dict(model_cfg), int(in_dim), int(num_classes), origin)
 
 
-def _json_safe(metrics: dict[str, float]) -> dict[str, Optional[float]]:
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
-
-
 def predict_site(
     trained: TrainedModel,
     data_cfg: DataConfig,
@@ -116,11 +112,10 @@ def predict_site(
     Heatmaps need the slide files (``data.slides_dir`` or the manifest's ``slide_path``); slides
     that cannot be found get predictions but no picture (logged).
     """
-    import pandas as pd
-
     from tdamil.data.bags import FeatureBagDataset
     from tdamil.data.manifest import load_manifest
     from tdamil.train.engine import evaluate
+    from tdamil.train.metrics import metrics_for_json
 
     out = Path(out_dir)
     df = load_manifest(data_cfg.manifest, classes=data_cfg.classes)
@@ -144,15 +139,11 @@ def predict_site(
     logger.info("Predicting %d slides with the model of %s", len(dataset), trained.origin)
     result = evaluate(trained.model, dataset, device=device)
 
-    table = pd.DataFrame({"slide_id": result.slide_ids})
-    table["label"] = [classes[i] for i in result.labels]
-    table["predicted"] = [classes[i] for i in result.probs.argmax(axis=1)]
-    for c, name in enumerate(classes):
-        table[f"prob_{name}"] = result.probs[:, c]
+    table = result.predictions_table(classes)
     with atomic_path(out / "predictions.csv") as tmp:
         table.to_csv(tmp, index=False)
     with atomic_path(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(_json_safe(result.metrics), indent=2))
+        tmp.write_text(json.dumps(metrics_for_json(result.metrics), indent=2))
     logger.info("Wrote %s and %s", out / "predictions.csv", out / "metrics.json")
 
     if heatmaps:

@@ -55,3 +55,14 @@ def test_direction_and_bad_input():
         higher_is_better("n")
     with pytest.raises(ValueError, match="labels must lie"):
         classification_metrics([0, 2], np.array([[0.5, 0.5], [0.5, 0.5]]))
+
+
+def test_metrics_for_json_writes_undefined_values_as_null():
+    import json
+
+    from tdamil.train.metrics import metrics_for_json
+
+    one_class = classification_metrics([1, 1, 1], np.array([[0.2, 0.8], [0.4, 0.6], [0.1, 0.9]]), num_classes=2)
+    text = json.dumps(metrics_for_json(one_class), allow_nan=False)  # NaN would make invalid JSON
+    assert json.loads(text)["auroc"] is None
+    assert json.loads(text)["n"] == 3

@@ -18,7 +18,6 @@ with k-fold also ``cv_summary.json`` (mean and std over folds).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import math
@@ -38,7 +37,7 @@ from tdamil.data.manifest import ManifestError, load_manifest
 from tdamil.data.splits import folds_from_column, patient_kfold, patient_split, split_from_column
 from tdamil.logs import setup_logging
 from tdamil.train.engine import CheckpointError, TrainConfig, evaluate, fit, seed_everything
-from tdamil.train.metrics import METRIC_KEYS
+from tdamil.train.metrics import METRIC_KEYS, metrics_for_json
 from tdamil.train.plots import plot_learning_curve
 
 logger = logging.getLogger(__name__)
@@ -163,19 +162,6 @@ def _concat(a: InMemoryBagDataset, b: InMemoryBagDataset) -> InMemoryBagDataset:
     )
 
 
-def _write_predictions(path: Path, result: Any) -> None:
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        c = result.probs.shape[1] if result.probs.ndim == 2 else 0
-        w.writerow(["slide_id", "label", "prediction"] + [f"prob_{k}" for k in range(c)])
-        for sid, y, p in zip(result.slide_ids, result.labels, result.probs):
-            w.writerow([sid, int(y), int(np.argmax(p))] + [f"{v:.6f}" for v in p])
-
-
-def _json_safe(metrics: dict[str, float]) -> dict[str, Optional[float]]:
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
-
-
 def run(cfg: TrainRunConfig, *, model_override: Optional[str] = None, source: str = "<config>") -> dict[str, Any]:
     """Train and test as configured; returns ``{"model": name, "folds": [test metrics...], "out_dir": path}``."""
     from tdamil.models import create_model
@@ -208,7 +194,7 @@ def run(cfg: TrainRunConfig, *, model_override: Optional[str] = None, source: st
         if fold.test is not None and len(fold.test) > 0:
             ev = evaluate(model, fold.test, mixed_precision=cfg.train.mixed_precision)
             test_metrics = ev.metrics
-            _write_predictions(out / "test_predictions.csv", ev)
+            ev.predictions_table().to_csv(out / "test_predictions.csv", index=False, float_format="%.6f")
         summary = {
             "model": name,
             "fold": fold.name or None,
@@ -218,7 +204,7 @@ def run(cfg: TrainRunConfig, *, model_override: Optional[str] = None, source: st
             f"val_{cfg.train.monitor}": res.best_value,
             "test": test_metrics,
         }
-        (out / "test_metrics.json").write_text(json.dumps(_json_safe(summary) | {"test": _json_safe(test_metrics)}, indent=2))
+        (out / "test_metrics.json").write_text(json.dumps(metrics_for_json(summary) | {"test": metrics_for_json(test_metrics)}, indent=2))
         if test_metrics:
             logger.info(
                 "%s%s test: AUROC %.4f, balanced accuracy %.4f, F1 %.4f (n=%d, best epoch %d)",

@@ -141,6 +141,19 @@ class EvalResult:
     slide_ids: list[str]
     scores: list[Optional[np.ndarray]]
 
+    def predictions_table(self, classes: Optional[Sequence[Any]] = None) -> Any:
+        """One row per slide: ``slide_id``, ``label``, ``prediction`` and ``prob_<class>`` columns
+        (a pandas DataFrame). ``classes`` names the classes; by default they are 0, 1, ..."""
+        import pandas as pd
+
+        names = list(classes) if classes is not None else list(range(self.probs.shape[1]))
+        table = pd.DataFrame({"slide_id": list(self.slide_ids)})
+        table["label"] = [names[int(i)] for i in self.labels]
+        table["prediction"] = [names[int(i)] for i in self.probs.argmax(axis=1)]
+        for c, name in enumerate(names):
+            table[f"prob_{name}"] = self.probs[:, c]
+        return table
+
 
 @dataclass
 class FitResult:
