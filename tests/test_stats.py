@@ -156,3 +156,14 @@ def test_paired_comparison_says_when_models_cannot_be_told_apart():
     assert clustered["auroc"].method == "paired patient-level bootstrap"
     boot = paired_bootstrap(y, good, good, n_resamples=200)
     assert boot["auroc"].estimate == 0 and boot["auroc"].p_value == 1.0
+
+
+def test_datasets_carry_patient_ids_through_subsets():
+    from tdamil.data.bags import InMemoryBagDataset
+
+    ds = InMemoryBagDataset([np.zeros((2, 3))] * 4, [0, 1, 0, 1], ["s0", "s1", "s2", "s3"],
+                            patient_ids=["a", "a", "b", "c"])
+    assert ds.subset([1, 3]).patient_ids == ["a", "c"]
+    assert InMemoryBagDataset([np.zeros((2, 3))], [1]).patient_ids == ["bag_0000"]
+    with pytest.raises(ValueError, match="patient ids"):
+        InMemoryBagDataset([np.zeros((2, 3))], [1], patient_ids=["a", "b"])

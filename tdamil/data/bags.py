@@ -55,6 +55,9 @@ class BagDataset(Protocol):
     def slide_ids(self) -> list[str]: ...
 
     @property
+    def patient_ids(self) -> list[str]: ...
+
+    @property
     def in_dim(self) -> int: ...
 
     @property
@@ -73,6 +76,14 @@ def class_counts(dataset: BagDataset) -> list[int]:
     return counts
 
 
+def _patients(patient_ids: Optional[Sequence[str]], slide_ids: list[str]) -> list[str]:
+    if patient_ids is None:
+        return list(slide_ids)
+    if len(patient_ids) != len(slide_ids):
+        raise ValueError(f"{len(patient_ids)} patient ids for {len(slide_ids)} bags; give one per bag.")
+    return [str(p) for p in patient_ids]
+
+
 class InMemoryBagDataset:
     """Bags kept in memory.
 
@@ -83,6 +94,8 @@ class InMemoryBagDataset:
         num_classes: number of classes (default: ``max(labels) + 1``, at least 2).
         coords: optional ``[n_i, 2]`` per bag.
         instance_labels: optional per-patch labels per bag.
+        patient_ids: patient per bag (default: each bag its own patient); confidence intervals
+            resample patients, so a patient's bags move together.
     """
 
     def __init__(
@@ -93,6 +106,7 @@ class InMemoryBagDataset:
         num_classes: Optional[int] = None,
         coords: Optional[Sequence[Any]] = None,
         instance_labels: Optional[Sequence[Any]] = None,
+        patient_ids: Optional[Sequence[str]] = None,
     ) -> None:
         if len(features) != len(labels):
             raise ValueError(f"{len(features)} feature arrays but {len(labels)} labels; give one label per bag.")
@@ -107,6 +121,7 @@ class InMemoryBagDataset:
         self._ids = list(slide_ids) if slide_ids is not None else [f"bag_{i:04d}" for i in range(len(labels))]
         if len(self._ids) != len(self._labels):
             raise ValueError("slide_ids must have one entry per bag.")
+        self._patients = _patients(patient_ids, self._ids)
         self._num_classes = int(num_classes) if num_classes is not None else max(2, max(self._labels, default=0) + 1)
         if any(y < 0 or y >= self._num_classes for y in self._labels):
             raise ValueError(f"labels must lie in 0..{self._num_classes - 1}.")
@@ -135,6 +150,10 @@ class InMemoryBagDataset:
         return list(self._ids)
 
     @property
+    def patient_ids(self) -> list[str]:
+        return list(self._patients)
+
+    @property
     def in_dim(self) -> int:
         return self._dim
 
@@ -157,6 +176,7 @@ class InMemoryBagDataset:
             num_classes=self._num_classes,
             coords=[self._coords[i] for i in idx] if self._coords is not None else None,
             instance_labels=[self._inst[i] for i in idx] if self._inst is not None else None,
+            patient_ids=[self._patients[i] for i in idx],
         )
 
     def __repr__(self) -> str:
@@ -178,6 +198,7 @@ class FeatureBagDataset:
         in_dim: expected feature dim D. Default: taken from the first file.
         suffix: file suffix; ``.h5`` (this project / TRIDENT / CLAM) or ``.pt`` (CLAM).
         check_files: check every file exists now (recommended; off for very slow network shares).
+        patient_ids: patient per slide (default: each slide its own patient).
     """
 
     def __init__(
@@ -189,12 +210,14 @@ class FeatureBagDataset:
         in_dim: Optional[int] = None,
         suffix: str = ".h5",
         check_files: bool = True,
+        patient_ids: Optional[Sequence[str]] = None,
     ) -> None:
         if len(slide_ids) != len(labels):
             raise ValueError(f"{len(slide_ids)} slide ids but {len(labels)} labels; give one label per slide.")
         self.features_dir = Path(features_dir)
         self._ids = [str(s) for s in slide_ids]
         self._labels = [int(y) for y in labels]
+        self._patients = _patients(patient_ids, self._ids)
         self._num_classes = int(num_classes)
         self._dim = int(in_dim) if in_dim is not None else None
         self.suffix = suffix
@@ -218,7 +241,8 @@ class FeatureBagDataset:
         """Build from a DataFrame of :func:`tdamil.data.manifest.load_manifest` (or a subset of it)."""
         classes = df.attrs.get("classes")
         num_classes = len(classes) if classes else int(df["label_index"].max()) + 1
-        return cls(features_dir, df["slide_id"].tolist(), df["label_index"].tolist(), num_classes, **kwargs)
+        return cls(features_dir, df["slide_id"].tolist(), df["label_index"].tolist(), num_classes,
+                   patient_ids=df["patient_id"].tolist(), **kwargs)
 
     def path(self, slide_id: str) -> Path:
         """Feature file of one slide."""
@@ -280,6 +304,10 @@ class FeatureBagDataset:
         return list(self._ids)
 
     @property
+    def patient_ids(self) -> list[str]:
+        return list(self._patients)
+
+    @property
     def in_dim(self) -> int:
         """Feature dim D (reads the first slide if it was not given)."""
         if self._dim is None:
@@ -304,6 +332,7 @@ class FeatureBagDataset:
             in_dim=self._dim,
             suffix=self.suffix,
             check_files=False,
+            patient_ids=[self._patients[i] for i in idx],
         )
 
     def __repr__(self) -> str:

@@ -33,6 +33,7 @@ __all__ = [
     "bootstrap_ci",
     "paired_bootstrap",
     "format_interval",
+    "interval_columns",
 ]
 
 CI_METRICS: tuple[str, ...] = ("auroc", "balanced_accuracy", "f1")
@@ -50,6 +51,14 @@ class Interval:
     def as_dict(self, key: str) -> dict[str, float]:
         """``{key, key_ci_low, key_ci_high}``: the flat form used in CSV and JSON files."""
         return {key: self.estimate, f"{key}_ci_low": self.low, f"{key}_ci_high": self.high}
+
+
+def interval_columns(intervals: dict[str, Interval]) -> dict[str, float]:
+    """``{auroc, auroc_ci_low, auroc_ci_high, balanced_accuracy, ...}`` from :func:`bootstrap_ci`."""
+    out: dict[str, float] = {}
+    for key, iv in intervals.items():
+        out.update(iv.as_dict(key))
+    return out
 
 
 def format_interval(iv: Interval, digits: int = 3) -> str:
