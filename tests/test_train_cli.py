@@ -32,7 +32,9 @@ def test_cli_digits_writes_csv_png_json(tmp_path, capsys):
     assert [r["epoch"] for r in rows] == ["1.0", "2.0"] and "val_auroc" in rows[0]
     assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     res = json.loads((out / "test_metrics.json").read_text())
-    assert set(res["test"]) == set(METRIC_KEYS) and res["test"]["n"] == 20
+    ci_keys = {f"{k}_ci_{end}" for k in ("auroc", "balanced_accuracy", "f1") for end in ("low", "high")}
+    assert set(res["test"]) == set(METRIC_KEYS) | ci_keys and res["test"]["n"] == 20
+    assert res["test"]["auroc_ci_low"] <= res["test"]["auroc"] <= res["test"]["auroc_ci_high"]
     assert (out / "best.pt").is_file() and (out / "last.pt").is_file() and (out / "config.yaml").is_file()
     assert len((out / "test_predictions.csv").read_text().splitlines()) == 21
 

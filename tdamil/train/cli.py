@@ -10,7 +10,7 @@ The YAML has the sections of :class:`TrainRunConfig`: ``model`` (any model of
 in ``data``), ``split`` and ``output_dir``.
 
 Written to ``<output_dir>/<model name>/`` (``fold_<k>/`` inside it with k-fold CV):
-``metrics.csv`` (one row per epoch), ``learning_curve.png``, ``test_metrics.json``,
+``metrics.csv`` (one row per epoch), ``learning_curve.png``, ``test_metrics.json`` (with 95 % CIs),
 ``test_predictions.csv``, ``best.pt``, ``last.pt`` and ``config.yaml`` (the resolved settings);
 with k-fold also ``cv_summary.json`` (mean and std over folds).
 """
@@ -36,6 +36,7 @@ from tdamil.data.digits import DigitsBagsConfig, make_digits_bags
 from tdamil.data.manifest import ManifestError, load_manifest
 from tdamil.data.splits import folds_from_column, patient_kfold, patient_split, split_from_column
 from tdamil.logs import setup_logging
+from tdamil.stats import CI_METRICS, Interval, bootstrap_ci, format_interval, interval_columns
 from tdamil.train.engine import CheckpointError, TrainConfig, evaluate, fit, seed_everything
 from tdamil.train.metrics import METRIC_KEYS, metrics_for_json
 from tdamil.train.plots import plot_learning_curve
@@ -193,7 +194,8 @@ def run(cfg: TrainRunConfig, *, model_override: Optional[str] = None, source: st
         test_metrics: dict[str, float] = {}
         if fold.test is not None and len(fold.test) > 0:
             ev = evaluate(model, fold.test, mixed_precision=cfg.train.mixed_precision)
-            test_metrics = ev.metrics
+            # 95 % CIs: stratified bootstrap over the test set's patients (tdamil.stats)
+            test_metrics = ev.metrics | interval_columns(bootstrap_ci(ev.labels, ev.probs, fold.test.patient_ids))
             ev.predictions_table().to_csv(out / "test_predictions.csv", index=False, float_format="%.6f")
         summary = {
             "model": name,
@@ -207,9 +209,11 @@ def run(cfg: TrainRunConfig, *, model_override: Optional[str] = None, source: st
         (out / "test_metrics.json").write_text(json.dumps(metrics_for_json(summary) | {"test": metrics_for_json(test_metrics)}, indent=2))
         if test_metrics:
             logger.info(
-                "%s%s test: AUROC %.4f, balanced accuracy %.4f, F1 %.4f (n=%d, best epoch %d)",
-                name, f" {fold.name}" if fold.name else "", test_metrics["auroc"], test_metrics["balanced_accuracy"],
-                test_metrics["f1"], int(test_metrics["n"]), res.best_epoch,
+                "%s%s test (95%% CI): AUROC %s, balanced accuracy %s, F1 %s (n=%d, best epoch %d)",
+                name, f" {fold.name}" if fold.name else "",
+                *(format_interval(Interval(*(test_metrics[k + part] for part in ("", "_ci_low", "_ci_high"))))
+                  for k in CI_METRICS),
+                int(test_metrics["n"]), res.best_epoch,
             )
         results.append(test_metrics)
     if len(folds) > 1:
