@@ -14,19 +14,18 @@ Sections (each owned by its component)::
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from tdamil.config import ConfigError, from_dict, load_config
 from tdamil.data.config import DataConfig
-from tdamil.security.config import PrivacyConfig, SiteAuthConfig, TLSConfig
+from tdamil.federation.processes import split_host_port
+from tdamil.security.config import PrivacyConfig, SiteAuthConfig, TLSConfig, check_site_name
 from tdamil.train.engine import TrainConfig
+from tdamil.wsi import ExtractionConfig
 
 __all__ = ["SiteConfig", "SiteFederationConfig", "load_site_config", "site_config_path"]
-
-_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass
@@ -57,8 +56,7 @@ class SiteFederationConfig:
     cpu_threads: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if ":" not in self.superlink:
-            raise ValueError(f"federation.superlink must be host:port, got {self.superlink!r}")
+        split_host_port(self.superlink, "federation.superlink")
         if not 0 < self.runtime_port < 65536:
             raise ValueError("federation.runtime_port must be a TCP port (1-65535)")
 
@@ -77,42 +75,26 @@ class SiteConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
-        if not _SITE_NAME.match(self.site):
-            raise ValueError(f"site must be a short name of letters, digits, '_', '-' or '.', got {self.site!r}")
+        check_site_name(self.site)  # the rule tdamil-certs applies: a name valid here gets its key there
 
 
 def site_config_path(site: str, configs_dir: str | Path = "configs/sites") -> Path:
     return Path(configs_dir) / f"{site}.yaml"
 
 
-def _extraction_config(data: dict[str, Any], source: str, base_dir: Path) -> Any:
-    """Validate the ``extraction:`` section with the WSI engineer's ExtractionConfig."""
-    try:
-        from tdamil.wsi.extract import ExtractionConfig  # noqa: PLC0415
-    except ImportError:  # tdamil.wsi without extraction: keep the raw mapping
-        return data
-    return from_dict(ExtractionConfig, data, source=f"{source}: extraction", base_dir=base_dir)
-
-
 def load_site_config(path: str | Path, *, check_files: bool = True) -> tuple[SiteConfig, Any]:
-    """Load and validate a site YAML; returns ``(SiteConfig, ExtractionConfig | dict | None)``.
+    """Load and validate a site YAML; returns ``(SiteConfig, ExtractionConfig | None)``.
 
-    With ``check_files`` the manifest must exist, and the TLS CA / auth key when configured.
+    With ``check_files`` the manifest must exist. The TLS CA and the site key are the site's
+    precondition check (:func:`tdamil.security.preflight.check_site_security`).
     """
     path = Path(path)
     cfg = load_config(path, SiteConfig)
     extraction = None
     if cfg.extraction is not None:
-        extraction = _extraction_config(cfg.extraction, str(path), path.resolve().parent)
-    if check_files:
-        if not Path(cfg.data.manifest).is_file():
-            raise ConfigError(f"{path}: 'data.manifest' file {cfg.data.manifest} not found. Fix the path "
-                              "(relative paths are relative to the YAML file).")
-        for key, value in (("tls.ca_cert", cfg.tls.ca_cert), ("auth.private_key", cfg.auth.private_key)):
-            if value is not None and not Path(value).is_file():
-                raise ConfigError(f"{path}: '{key}' file {value} not found. Copy it from the coordinator's "
-                                  "`tdamil-certs` output or fix the path.")
-    if path.stem != cfg.site:
-        # not an error: a site may keep several configs; only say so
-        pass
+        extraction = from_dict(ExtractionConfig, cfg.extraction, source=f"{path}: extraction",
+                               base_dir=path.resolve().parent)
+    if check_files and not Path(cfg.data.manifest).is_file():
+        raise ConfigError(f"{path}: 'data.manifest' file {cfg.data.manifest} not found. Fix the path "
+                          "(relative paths are relative to the YAML file).")
     return cfg, extraction

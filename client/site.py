@@ -19,20 +19,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import subprocess
+import socket
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any, Optional
 
 from tdamil.config import ConfigError
-from tdamil.federation.processes import _die_with_parent, flower_bin, flower_env
+from tdamil.federation.processes import flower_bin, flower_env, split_host_port
+from tdamil.federation.supernode import SuperNodeRejected, supervise_supernode
+from tdamil.federation.watchdog import start_watchdog
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["supernode_command", "check_connection", "prepare_site", "run_supernode", "main"]
+__all__ = ["supernode_command", "check_connection", "prepare_site", "check_feature_files", "main"]
 
 
 def check_connection(address: str, ca_cert: Path | str, timeout: float = 5.0) -> bool:
@@ -43,11 +42,9 @@ def check_connection(address: str, ca_cert: Path | str, timeout: float = 5.0) ->
     :class:`~tdamil.security.preflight.SecurityCheckError` for a TLS problem (certificate from
     another CA, plaintext server, name not covered, expired), which retrying would never fix.
     """
-    import socket  # noqa: PLC0415
+    from tdamil.security.preflight import probe_tls  # noqa: PLC0415
 
-    from tdamil.security.preflight import probe_tls, split_address  # noqa: PLC0415
-
-    host, port = split_address(address)
+    host, port = split_host_port(address, "federation.superlink")
     try:
         with socket.create_connection((host, port), timeout=timeout):
             pass
@@ -80,29 +77,47 @@ def supernode_command(cfg: Any, config_path: Path, *, insecure: bool = False) ->
     return cmd
 
 
-def prepare_site(cfg: Any, extraction: Any, *, extract: bool = True) -> dict[str, int]:
-    """Extract missing features (when configured) and check the site's datasets open."""
+def prepare_site(cfg: Any, extraction: Any, *, extract: bool = True) -> dict[str, Any]:
+    """Extract missing features (when configured) and open the site's datasets.
+
+    Returns ``{"train": dataset, "val": ..., "test": ...}``.
+    """
     if extract and cfg.federation.extract_missing and cfg.data.slides_dir is not None and extraction is not None:
-        try:
-            from tdamil.wsi.extract import extract_site  # noqa: PLC0415
-        except ImportError:
-            logger.warning("Feature extraction is not available in this installation; using cached features only.")
-        else:
-            summary = extract_site(cfg.data, extraction)
-            logger.info("Feature extraction: %s", summary)
+        from tdamil.wsi.extract import extract_site  # noqa: PLC0415
+
+        logger.info("Feature extraction: %s", extract_site(cfg.data, extraction))
     from tdamil.federation.data import split_datasets  # noqa: PLC0415
 
     fed = cfg.federation
     parts = split_datasets(cfg.data, val_fraction=fed.val_fraction, test_fraction=fed.test_fraction,
                            seed=fed.split_seed)
-    sizes = {name: len(ds) for name, ds in parts.items()}
-    if sizes["train"] == 0:
+    if len(parts["train"]) == 0:
         raise ConfigError(f"site {cfg.site}: no training slides in {cfg.data.manifest}. Check its split column.")
     labels = set(parts["train"].labels)
     if len(labels) < 2:
         logger.warning("Site %s: the training slides hold one class only (%s); the site still trains, but its "
                        "validation AUROC is undefined (reported as NaN).", cfg.site, labels)
-    return sizes
+    return parts
+
+
+def check_feature_files(parts: dict[str, Any]) -> int:
+    """Open every feature file the site will use: readable, finite, one feature dimension across all
+    files. Returns that dimension; raises ValueError naming the file and the fix (a truncated h5, an
+    encoder mix-up) so it is found now, not in the middle of a round."""
+    dim: Optional[int] = None
+    first: Optional[Path] = None
+    for ds in parts.values():
+        for index in range(len(ds)):
+            bag = ds[index]  # the dataset's reader checks the file opens and holds finite 2-D features
+            path = ds.path(bag.slide_id)
+            width = int(bag.features.shape[-1])
+            if dim is None:
+                dim, first = width, path
+            elif width != dim:
+                raise ValueError(f"{path}: {width} features per patch, but {first} has {dim}: the files were made "
+                                 "by different encoders. Re-extract this site's slides with one encoder "
+                                 "(tdamil-extract) or point data.features_dir at the right cache.")
+    return int(dim or 0)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -115,7 +130,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--no-extract", action="store_true", help="do not extract missing features")
     parser.add_argument("--state-dir", type=Path, default=None,
                         help="Flower's working folder at the site (default: ~/.tdamil/sites/<site>)")
-    parser.add_argument("--check", action="store_true", help="validate config, data and the TLS link to the coordinator (when it is up), then exit")
+    parser.add_argument("--check", action="store_true",
+                        help="validate config, keys, every feature file and the TLS link to the coordinator (when "
+                             "it is up), then exit")
     parser.add_argument("--once", action="store_true", help="exit when the SuperNode exits (default: reconnect)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -130,109 +147,44 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg, extraction = load_site_config(path)
         if args.site and cfg.site != args.site:
             raise ConfigError(f"{path}: the file is for site '{cfg.site}', not '{args.site}'.")
-        if not args.insecure and cfg.tls.ca_cert is None:
-            raise ConfigError(f"{path}: no tls.ca_cert. The site refuses to send its model over an unencrypted link. "
-                              "Set tls.ca_cert to the consortium CA from the coordinator, or pass --insecure for a "
-                              "local test.")
-        check_site_security(cfg.tls, cfg.auth, args.insecure, source=str(path))  # CA file, site key
+        check_site_security(cfg.tls, cfg.auth, args.insecure, source=str(path))  # the site's one precondition check
         if not args.insecure:
             check_connection(cfg.federation.superlink, cfg.tls.ca_cert)
-        sizes = prepare_site(cfg, extraction, extract=not args.no_extract)
+        parts = prepare_site(cfg, extraction, extract=not args.no_extract)
+        dim = check_feature_files(parts) if args.check else None
     except (ConfigError, ValueError, SecurityCheckError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     logger.info("Site %s: %s slides (train/val/test); coordinator %s.", cfg.site,
-                "/".join(str(sizes[k]) for k in ("train", "val", "test")), cfg.federation.superlink)
+                "/".join(str(len(parts[k])) for k in ("train", "val", "test")), cfg.federation.superlink)
     if args.check:
-        print(f"{path}: OK")
+        print(f"{path}: OK (every feature file opens, {dim} features per patch)")
         return 0
     state = args.state_dir or Path.home() / ".tdamil" / "sites" / cfg.site
-    threads = getattr(cfg.federation, "cpu_threads", None)
-    return run_supernode(supernode_command(cfg, path, insecure=args.insecure), flwr_env=flower_env(state, threads=threads),
-                         restart=not args.once)
-
-
-def run_supernode(cmd: list[str], flwr_env: dict[str, str], *, restart: bool = True,
-                  backoff: tuple[float, float] = (2.0, 30.0), hang_grace: float = 10.0) -> int:
-    """Run the SuperNode in the foreground; restart it when it stops (coordinator restarted, network
-    lost) until Ctrl-C / SIGTERM. Returns the exit code (130 when interrupted).
-
-    Flower 1.42's SuperNode may log "Giving up reconnection" or "SuperNode terminated gracefully" and
-    then not exit (its runtime server and SuperExec keep it alive); its output is followed here and
-    such a process is killed ``hang_grace`` seconds later, then restarted.
-    """
-
-    def _stop(signum: int, frame: Any) -> None:  # noqa: ARG001
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _stop)
-    delay = backoff[0]
-    proc: Optional[subprocess.Popen] = None
+    watchdog = start_watchdog()  # noqa: F841 - Flower's clientapp processes go when this process dies
+    cmd = supernode_command(cfg, path, insecure=args.insecure)
     try:
-        while True:
-            started = time.monotonic()
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=flwr_env, text=True,
-                                    start_new_session=True, preexec_fn=_die_with_parent)
-            ended = threading.Event()
-            threading.Thread(target=_follow, args=(proc, ended), daemon=True).start()
-            ended_at: Optional[float] = None
-            while proc.poll() is None:
-                if ended.is_set():
-                    ended_at = ended_at or time.monotonic()
-                    if time.monotonic() - ended_at > hang_grace:
-                        break
-                time.sleep(0.5)
-            _kill_group(proc)
-            code = proc.returncode
-            if not restart:
-                return int(code or 0)
-            if time.monotonic() - started > 60:
-                delay = backoff[0]
-            logger.warning("The SuperNode stopped (exit code %s): the coordinator may be restarting or unreachable. "
-                           "Reconnecting in %.0f s (Ctrl-C to quit).", code, delay)
-            time.sleep(delay)
-            delay = min(backoff[1], delay * 2)
-    except KeyboardInterrupt:
-        logger.info("Stopping the SuperNode.")
-        if proc is not None:
-            _kill_group(proc, sig=signal.SIGTERM)
-        return 130
+        return supervise_supernode(cmd, flower_env(state, threads=cfg.federation.cpu_threads), restart=not args.once)
+    except SuperNodeRejected:
+        print(f"error: {_rejected_message(cfg)}", file=sys.stderr)
+        return 3
 
 
-# Lines after which a Flower 1.42 SuperNode is finished but may not exit by itself.
-_ENDED_MARKERS = ("SuperNode terminated", "Giving up reconnection")
+def _rejected_message(cfg: Any) -> str:
+    key = cfg.auth.private_key
+    if key is None:
+        return (f"the coordinator at {cfg.federation.superlink} accepts registered sites only and this site has no "
+                "key. Create one with `tdamil-certs issue --site " + cfg.site + " --ca <ca.pem> --out <folder>`, set "
+                f"auth.private_key, and send {cfg.site}.pub to the coordinator to register it.")
+    pub = Path(key).with_suffix(".pub")
+    return (f"the coordinator at {cfg.federation.superlink} refused this site's key {key}: it is not registered "
+            f"there. Send {pub} to the coordinator and ask them to register it (put it in certs/site_keys/ and "
+            "restart flwr-server), then start tdamil-client again.")
 
 
-def _follow(proc: subprocess.Popen, ended: threading.Event) -> None:
-    """Echo the SuperNode's output; flag its "terminated" line."""
-    assert proc.stdout is not None
-    from tdamil.logs import reformat_flower_line  # noqa: PLC0415
-
-    for line in proc.stdout:
-        sys.stdout.write(reformat_flower_line(line, source="flower-supernode"))
-        sys.stdout.flush()
-        if any(marker in line for marker in _ENDED_MARKERS):
-            ended.set()
-
-
-def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL, grace: float = 5.0) -> None:
-    """Stop the SuperNode and its children (SIGTERM first when asked, then SIGKILL)."""
-    import os  # noqa: PLC0415
-
-    if sig != signal.SIGKILL and proc.poll() is None:
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=grace)
-        except (ProcessLookupError, PermissionError, subprocess.TimeoutExpired):
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:  # pragma: no cover
-        pass
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line, without Python's wrappers."""
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":  # pragma: no cover

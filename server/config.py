@@ -24,6 +24,7 @@ from typing import Any, Optional
 from tdamil.config import ConfigError, load_config
 from tdamil.data.config import DataConfig
 from tdamil.federation.config import CheckpointConfig, FederationConfig
+from tdamil.federation.processes import split_host_port
 from tdamil.security.config import PrivacyConfig, ServerAuthConfig, TLSConfig
 
 __all__ = ["ServerConfig", "SuperLinkConfig", "HeldOutConfig", "load_server_config", "validate_model"]
@@ -45,11 +46,11 @@ class SuperLinkConfig:
     database: Optional[Path] = None
 
     def __post_init__(self) -> None:
-        host, _, port = self.address.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"superlink.address must be host:port, got {self.address!r}")
+        _, port = split_host_port(self.address, "superlink.address")
         if not 0 < self.internal_port < 65536:
             raise ValueError("superlink.internal_port must be a TCP port (1-65535)")
+        if port == self.internal_port:
+            raise ValueError("superlink.address port and superlink.internal_port must differ")
 
 
 @dataclass
@@ -92,26 +93,15 @@ def validate_model(model: dict[str, Any], source: str) -> None:
 
 
 def load_server_config(path: str | Path, *, check_files: bool = True) -> ServerConfig:
-    """Load and validate ``configs/server.yaml`` (keys, types, model config, files that must exist)."""
+    """Load and validate ``configs/server.yaml`` (keys, types, model config; with ``check_files`` the
+    held-out data must exist). TLS and node-auth files are the coordinator's precondition check
+    (:func:`tdamil.security.preflight.check_coordinator_security`)."""
     path = Path(path)
     cfg = load_config(path, ServerConfig)
     validate_model(cfg.model, str(path))
     cfg.output_dir = Path(cfg.output_dir).resolve()  # logs show /srv/runs/x, not /srv/configs/../runs/x
-    if check_files:
-        ev = cfg.evaluation.data
-        if ev is not None and not Path(ev.manifest).is_file():
-            raise ConfigError(f"{path}: 'evaluation.data.manifest' file {ev.manifest} not found. Fix the path or "
-                              "remove the evaluation section.")
-        for key in ("ca_cert", "cert", "key"):
-            value = getattr(cfg.tls, key)
-            if value is not None and not Path(value).is_file():
-                raise ConfigError(f"{path}: 'tls.{key}' file {value} not found. Create the certificates with "
-                                  "`tdamil-certs init` or fix the path.")
-        if cfg.auth.enabled:
-            keys = cfg.auth.site_public_keys
-            if keys is None or not Path(keys).is_dir():
-                raise ConfigError(f"{path}: 'auth.enabled' is true but 'auth.site_public_keys' ({keys}) is not a "
-                                  "folder of <site>.pub files. Collect the sites' public keys there.")
-    if cfg.auth.enabled and not all((cfg.tls.ca_cert, cfg.tls.cert, cfg.tls.key)):
-        raise ConfigError(f"{path}: 'auth.enabled' needs TLS: set tls.ca_cert, tls.cert and tls.key.")
+    ev = cfg.evaluation.data
+    if check_files and ev is not None and not Path(ev.manifest).is_file():
+        raise ConfigError(f"{path}: 'evaluation.data.manifest' file {ev.manifest} not found. Fix the path or "
+                          "remove the evaluation section.")
     return cfg

@@ -28,13 +28,22 @@ from typing import Any, Optional
 
 from tdamil.config import ConfigError
 from tdamil.logs import reformat_flower_line
-from tdamil.federation.processes import ManagedProcess, flower_bin, flower_env, wait_for_port
+from tdamil.federation.processes import (
+    ManagedProcess,
+    die_with_parent,
+    flower_bin,
+    flower_env,
+    split_host_port,
+    wait_for_port,
+)
+from tdamil.federation.watchdog import start_watchdog
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Coordinator", "main", "register_site_keys_cli"]
+__all__ = ["Coordinator", "main"]
 
 CONNECTION = "tdamil"
+REJECTED_JOIN = "Rejected join from"  # the gateway's line for a site whose key the SuperLink refused
 _BANNER = "!" * 78
 
 
@@ -57,48 +66,13 @@ class Coordinator:
         self.run_id: Optional[int] = None
         # tags this session's audit lines: a --resume judges its own outcome, not the earlier run's
         self.session = uuid.uuid4().hex[:12]
-        tls = self.cfg.tls
-        self.tls_on = all((tls.ca_cert, tls.cert, tls.key))
-        if any((tls.ca_cert, tls.cert, tls.key)) and not self.tls_on:
-            raise ConfigError(f"{self.config_path}: 'tls' needs ca_cert, cert and key together (or none with "
-                              "--insecure).")
-        if not self.tls_on and not insecure:
-            raise ConfigError(
-                f"{self.config_path}: no TLS certificates (tls.ca_cert, tls.cert, tls.key). The coordinator refuses "
-                "to send models over an unencrypted link. Create them with `tdamil-certs init` and set the tls "
-                "section, or pass --insecure for a local test on a trusted network.")
-        if insecure and self.tls_on:
-            logger.warning("--insecure given: the TLS certificates in %s are ignored.", self.config_path)
-            self.tls_on = False
-        if self.cfg.auth.enabled and not self.tls_on:
-            raise ConfigError(f"{self.config_path}: auth.enabled needs TLS (Flower refuses node auth without it).")
-        host, _, port = self.cfg.superlink.address.rpartition(":")
-        if int(port) == self.cfg.superlink.internal_port:
-            raise ConfigError(f"{self.config_path}: superlink.address port and superlink.internal_port must differ.")
-        if self.tls_on:
-            self.check_tls(host.strip("[]"))
+        from tdamil.security.preflight import check_coordinator_security  # noqa: PLC0415
 
-    def check_tls(self, public_host: str) -> None:
-        """Before anything starts: the certificate parses, is signed by ``tls.ca_cert``, is valid,
-        matches ``tls.key`` and covers 127.0.0.1 and the public host (not checked for a wildcard
-        bind address). Raises :class:`~tdamil.security.preflight.SecurityCheckError`."""
-        import ipaddress  # noqa: PLC0415
-
-        from tdamil.security.preflight import SecurityCheckError, check_server_tls  # noqa: PLC0415
-
-        source = str(self.config_path)
-        check_server_tls(self.cfg.tls, [], source=source)  # parse, CA signature, validity, key, 127.0.0.1
-        if public_host in ("0.0.0.0", "::", "", "127.0.0.1", "localhost"):
-            return
-        try:
-            check_server_tls(self.cfg.tls, [public_host], source=source)
-        except SecurityCheckError as exc:
-            try:
-                ipaddress.ip_address(public_host)
-            except ValueError:
-                raise exc from None  # sites dial this name: the certificate must cover it
-            # bound to an IP the sites may reach under a DNS name the certificate covers
-            logger.warning("%s (sites must dial a name the certificate covers).", " ".join(str(exc).split()))
+        # the coordinator's one precondition check (the YAML loader checked structure and data files)
+        self.tls_on = check_coordinator_security(self.cfg.tls, self.cfg.auth, insecure=insecure,
+                                                 public_address=self.cfg.superlink.address,
+                                                 source=str(self.config_path))
+        self._watchdog: Optional[subprocess.Popen] = None
 
     # ---------------------------------------------------------------------------------------
     @property
@@ -130,10 +104,12 @@ class Coordinator:
         if self.tls_on:
             t = self.cfg.tls
             cmd += ["--ssl-certfile", str(t.cert), "--ssl-keyfile", str(t.key), "--ca-cert", str(t.ca_cert)]
-        proc = ManagedProcess("fleet-gateway", cmd, self.state_dir / "logs" / "gateway.log", env=flower_env())
+        if logger.isEnabledFor(logging.DEBUG):  # flwr-server -v: the gateway logs every forwarded call
+            cmd.append("--verbose")
+        proc = ManagedProcess("fleet-gateway", cmd, self.state_dir / "logs" / "gateway.log", env=flower_env(),
+                              on_line=_show_rejected_joins)
         self.processes.append(proc)
-        host, _, port = self.cfg.superlink.address.rpartition(":")
-        wait_for_port(host.strip("[]"), int(port), timeout=60, proc=proc)
+        wait_for_port(*split_host_port(self.cfg.superlink.address), timeout=60, proc=proc)
         logger.info("Sites connect to %s (%s; Fleet API only).", self.cfg.superlink.address,
                     "TLS" if self.tls_on else "NO TLS")
 
@@ -147,15 +123,11 @@ class Coordinator:
         return home
 
     def register_keys(self) -> list[str]:
-        """Register every ``<site>.pub`` with the SuperLink (auth enabled)."""
-        folder = Path(self.cfg.auth.site_public_keys)
-        try:
-            from tdamil.security.nodeauth import register_site_keys  # noqa: PLC0415
-        except ImportError:
-            register_site_keys = None  # type: ignore[assignment]
-        if register_site_keys is not None:
-            return list(register_site_keys(folder, superlink=CONNECTION, flwr_home=self.state_dir / "cli-home"))
-        return register_site_keys_cli(folder, self.state_dir / "cli-home")
+        """Register every ``<site>.pub`` of ``auth.site_public_keys`` with the SuperLink."""
+        from tdamil.security.nodeauth import register_site_keys  # noqa: PLC0415
+
+        return list(register_site_keys(Path(self.cfg.auth.site_public_keys), superlink=CONNECTION,
+                                       flwr_home=self.state_dir / "cli-home"))
 
     def submit(self) -> int:
         """Submit the run and follow its logs until it ends; returns flwr run's exit code."""
@@ -169,7 +141,7 @@ class Coordinator:
         log_path = self.state_dir / "logs" / "run.log"
         logger.info("Submitting the run (bundle: %s/pyproject.toml only).", app_dir)
         self.run_proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=die_with_parent)
         with open(log_path, "a", encoding="utf-8") as log:
             assert self.run_proc.stdout is not None
             for line in self.run_proc.stdout:
@@ -197,6 +169,8 @@ class Coordinator:
 
     def start(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        # SuperExec and ServerApp are Flower's children, not ours: they go when this process dies
+        self._watchdog = start_watchdog()
         if self.insecure:
             logger.warning("\n%s\n  --insecure: NO TLS. Model weights and metrics travel unencrypted and sites are not\n"
                            "  authenticated. Use this only for a local test on a trusted network.\n%s",
@@ -224,6 +198,9 @@ class Coordinator:
         for proc in reversed(self.processes):
             proc.stop()
         self.processes.clear()
+        if self._watchdog is not None and self._watchdog.stdin is not None:
+            self._watchdog.stdin.close()  # everything is stopped: the watchdog exits
+            self._watchdog.wait(timeout=10)
         logger.info("Coordinator stopped.")
 
     def run(self) -> int:
@@ -237,26 +214,26 @@ class Coordinator:
             logger.info("Run finished. Checkpoints, metrics.csv, audit.jsonl and plots are in %s", self.out_dir)
             return 0
         if state == "failed":
-            logger.error("The run failed: %s (details: %s)", error, self.state_dir / "logs" / "run.log")
+            logger.error("The run failed: %s%s (details: %s)", _one_line(error or ""), self._resume_hint(error),
+                         self.state_dir / "logs" / "run.log")
             return 1
-        logger.error("The run did not finish (flwr run exit code %s). See %s and %s. Continue it with --resume.",
-                     code, self.state_dir / "logs", self.out_dir / "audit.jsonl")
+        logger.error("The run did not finish (flwr run exit code %s). See %s and %s. Continue it with "
+                     "`flwr-server --config %s --resume`.", code, self.state_dir / "logs",
+                     self.out_dir / "audit.jsonl", self.config_path)
         return 1
 
+    def _resume_hint(self, error: Optional[str]) -> str:
+        """Sites that did not come are fixed outside this run: say how to continue it afterwards."""
+        if error and "site(s) connected" in error:
+            return f". Once the sites are up, continue with `flwr-server --config {self.config_path} --resume`"
+        return ""
 
-def register_site_keys_cli(folder: Path, flwr_home: Path) -> list[str]:
-    """Register ``<folder>/*.pub`` with ``flwr supernode register`` (one call per key)."""
-    names = []
-    keys = sorted(Path(folder).glob("*.pub"))
-    if not keys:
-        raise ConfigError(f"{folder}: no <site>.pub files to register. Collect the sites' public keys there.")
-    for key in keys:
-        res = subprocess.run([flower_bin("flwr"), "supernode", "register", str(key), CONNECTION, "--name", key.stem],
-                             env=flower_env(flwr_home), capture_output=True, text=True, timeout=60, check=False)
-        if res.returncode != 0:
-            raise RuntimeError(f"Registering {key} failed: {res.stdout}{res.stderr}")
-        names.append(key.stem)
-    return names
+
+def _show_rejected_joins(line: str) -> None:
+    """The gateway's log goes to a file; a site refused for its key is shown to the operator too."""
+    if REJECTED_JOIN in line:
+        sys.stderr.write(line)
+        sys.stderr.flush()
 
 
 def _sigterm_to_interrupt(signum: int, frame: Any) -> None:  # noqa: ARG001
@@ -298,9 +275,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
 
 
-def _one_line(exc: BaseException) -> str:
-    """An exception's message on one line (certificate / registration errors may span several)."""
-    return " ".join(str(exc).split())
+def _one_line(exc: BaseException | str) -> str:
+    """A message on one line, without the ``<class 'ValueError'>:<'...'>`` wrapper Flower puts
+    around errors raised in a ServerApp / ClientApp."""
+    text = " ".join(str(exc).split())
+    wrapped = re.fullmatch(r"<class '[\w.]+'>:<['\"](.*)['\"]>", text)
+    return wrapped.group(1) if wrapped else text
 
 
 if __name__ == "__main__":  # pragma: no cover

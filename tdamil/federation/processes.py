@@ -13,13 +13,28 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ManagedProcess", "free_port", "wait_for_port", "flower_env", "flower_bin"]
+__all__ = ["ManagedProcess", "free_port", "split_host_port", "wait_for_port", "flower_env", "flower_bin",
+           "die_with_parent"]
+
+
+def split_host_port(address: str, what: str = "address") -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too) -> (host, port); the one parser for every address setting.
+
+    Raises ValueError naming ``what`` (the setting) and an example.
+    """
+    host, sep, port = str(address).rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{what} must be host:port with a port 1-65535 (e.g. coordinator.example.org:9092), "
+                         f"got {address!r}")
+    return host, int(port)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -30,18 +45,24 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def wait_for_port(host: str, port: int, timeout: float = 30.0, proc: Optional["ManagedProcess"] = None) -> None:
-    """Block until ``host:port`` accepts connections (or raise TimeoutError / RuntimeError)."""
+    """Block until ``host:port`` accepts connections (or raise TimeoutError / RuntimeError).
+
+    A wildcard bind address (``0.0.0.0``, ``::``) is probed on loopback.
+    """
+    target = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     deadline = time.monotonic() + timeout
+    last: Optional[OSError] = None
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{proc.name} exited with code {proc.poll()} before listening on {host}:{port}; "
-                               f"see {proc.log_path}:\n{proc.tail()}")
+                               f"see {proc.log_path}: {' | '.join(proc.tail(5).splitlines())}")
         try:
-            with socket.create_connection((host if host != "0.0.0.0" else "127.0.0.1", port), timeout=1.0):
+            with socket.create_connection((target, port), timeout=1.0):
                 return
-        except OSError:
+        except OSError as exc:
+            last = exc
             time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f} s ({last})")
 
 
 def flower_bin(name: str) -> str:
@@ -68,9 +89,10 @@ def flower_env(flwr_home: Optional[Path] = None, threads: Optional[int] = None) 
     return env
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """Linux: deliver SIGTERM to the child when the process that started it dies (even by SIGKILL),
-    so a crashed coordinator or site never leaves a SuperLink / SuperNode running on its own."""
+def die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """``preexec_fn`` for every child (Linux): deliver SIGTERM to it when the process that started it
+    dies (even by SIGKILL), so a crashed coordinator or site never leaves a SuperLink / SuperNode
+    running on its own. Grandchildren Flower spawns are covered by :mod:`tdamil.federation.watchdog`."""
     try:
         import ctypes  # noqa: PLC0415
 
@@ -80,23 +102,36 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
 
 
 class ManagedProcess:
-    """A child process in its own process group, logging to a file (and optionally echoing lines)."""
+    """A child process in its own process group, logging to a file (and optionally following lines)."""
 
     def __init__(self, name: str, cmd: Sequence[str], log_path: Optional[Path], env: Optional[dict[str, str]] = None,
-                 cwd: Optional[Path] = None) -> None:
-        """``log_path=None``: the process writes to this terminal."""
+                 cwd: Optional[Path] = None, on_line: Optional[Callable[[str], None]] = None) -> None:
+        """``log_path=None``: the process writes to this terminal. ``on_line``: called with each
+        output line (after it is written to the log), from a reader thread."""
         self.name = name
         self.cmd = list(cmd)
         self.log_path = Path(log_path) if log_path is not None else None
         self._log = None
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+            self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in stop()
         logger.debug("Starting %s: %s", name, " ".join(self.cmd))
-        out = self._log if self._log is not None else None
+        out = subprocess.PIPE if on_line is not None else self._log
         self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=env,
-                                     cwd=cwd, start_new_session=True,
-                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                                     cwd=cwd, start_new_session=True, text=True, errors="replace",
+                                     preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
+        self._reader: Optional[threading.Thread] = None
+        if on_line is not None:
+            self._reader = threading.Thread(target=self._follow, args=(on_line,), daemon=True)
+            self._reader.start()
+
+    def _follow(self, on_line: Callable[[str], None]) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if self._log is not None and not self._log.closed:
+                self._log.write(line)
+                self._log.flush()
+            on_line(line)
 
     @property
     def pid(self) -> int:
@@ -134,6 +169,8 @@ class ManagedProcess:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:  # pragma: no cover
             pass
+        if self._reader is not None:
+            self._reader.join(timeout=5)
         if self._log is not None and not self._log.closed:
             self._log.close()
         return self.proc.returncode

@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tdamil.atomic import atomic_path
+from tdamil.security.config import check_site_name
 from tdamil.logs import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -63,8 +64,6 @@ __all__ = [
     "main",
 ]
 
-#: Site names become file names and Flower node names: keep them simple.
-SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 ALWAYS_DNS = ("localhost",)
 ALWAYS_IPS = ("127.0.0.1",)
 
@@ -290,11 +289,10 @@ def init_pki(
 
 
 def _check_site_name(site: str) -> None:
-    if not SITE_NAME_RE.match(site):
-        raise CertsError(
-            f"site name {site!r} is not usable as a file name: use letters, digits, '_', '-', '.' "
-            "(for example site_a)."
-        )
+    try:
+        check_site_name(site)
+    except ValueError as exc:
+        raise CertsError(str(exc)) from None
 
 
 def issue_site(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -52,3 +53,16 @@ class PrivacyConfig:
             raise ValueError("privacy.noise_multiplier must be >= 0")
         if not 0 < self.delta < 1:
             raise ValueError("privacy.delta must be between 0 and 1")
+
+
+#: A site name becomes file names (``<site>.key``, ``<site>.pub``), a Flower node name and a DNS-label
+#: sized certificate field: one leading letter or digit, then up to 62 more (63 in all, a DNS label).
+SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def check_site_name(site: str) -> str:
+    """The one site-name rule (site YAML and ``tdamil-certs``); raises ValueError with the fix."""
+    if not SITE_NAME_RE.match(site):
+        raise ValueError(f"site name {site!r} is not allowed: use 1-63 letters, digits, '_', '-' or '.', starting "
+                         "with a letter or digit (for example site_a).")
+    return site

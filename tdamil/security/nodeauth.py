@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
+from tdamil.federation.processes import split_host_port, wait_for_port
 from tdamil.security.certs import CertsError, load_site_public_key, public_key_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -86,10 +85,10 @@ class SiteNode:
 
 def require_loopback(address: str) -> tuple[str, int]:
     """Split ``host:port`` and require a loopback host (127.0.0.0/8, ::1 or localhost)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise NodeAuthError(f"Control API address {address!r} must be host:port, e.g. 127.0.0.1:9093.")
-    host = host.strip("[]")
+    try:
+        host, port = split_host_port(address, "the Control API address")
+    except ValueError as exc:
+        raise NodeAuthError(str(exc)) from None
     loopback = host == "localhost"
     if not loopback:
         try:
@@ -102,7 +101,7 @@ def require_loopback(address: str) -> tuple[str, int]:
             "build and must stay on the coordinator's loopback (run flower-superlink with --host 127.0.0.1 and "
             "expose only /v1/fleet/ through the proxy in deploy/proxy/). Run this on the coordinator."
         )
-    return host, int(port)
+    return host, port
 
 
 def site_key_files(keys: Path | str | Iterable[Path | str]) -> dict[str, Path]:
@@ -145,22 +144,6 @@ def _client(address: str, ca_cert: Optional[Path], insecure: bool):
         insecure=insecure,
         root_certificates=None if insecure else Path(ca_cert).read_bytes(),
         interceptors=[CliClientHttpInterceptor()],
-    )
-
-
-def _wait_for_port(host: str, port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    last: Optional[OSError] = None
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=1.0):
-                return
-        except OSError as exc:
-            last = exc
-            time.sleep(0.2)
-    raise NodeAuthError(
-        f"the SuperLink's Control API at {host}:{port} did not answer within {timeout:.0f} s ({last}). "
-        "Is flower-superlink running with --host/--port set to this address?"
     )
 
 
@@ -252,7 +235,11 @@ def register_site_keys(
         pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         loaded[site] = (pem, public_key_fingerprint(key))
     host, port = require_loopback(control_address)
-    _wait_for_port(host, port, wait_s)
+    try:
+        wait_for_port(host, port, timeout=wait_s)
+    except TimeoutError as exc:
+        raise NodeAuthError(f"the SuperLink's Control API did not answer: {exc}. Is flower-superlink running "
+                            "with --host/--port set to this address?") from None
     client = _client(control_address, Path(ca_cert) if ca_cert else None, insecure)
     result: dict[str, RegisteredSite] = {}
     known: Optional[dict[int, SiteNode]] = None

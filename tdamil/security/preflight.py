@@ -4,10 +4,11 @@ Flower reports a wrong CA, a plaintext server or a certificate for the wrong nam
 ``CERTIFICATE_VERIFY_FAILED`` / "Server disconnected" after retries. ``flwr-server`` and
 ``tdamil-client`` call these functions first:
 
-* :func:`require_tls` - plaintext is refused unless the operator passed ``--insecure``;
-* :func:`check_server_tls` - the coordinator's certificate, key and CA fit together and cover
-  127.0.0.1 (and the public names);
-* :func:`check_site_security` - the site's CA file and private key are usable;
+* :func:`check_coordinator_security` - the coordinator's one security precondition check: TLS
+  files complete and fitting (:func:`check_server_tls`), node authentication only with TLS and
+  with a folder of site keys; plaintext only with ``--insecure`` (:func:`require_tls`);
+* :func:`check_site_security` - the site's one security precondition check: its CA file and
+  private key are usable; plaintext only with ``--insecure``;
 * :func:`probe_tls` - a real TLS handshake with the SuperLink (or the proxy) the way the SuperNode
   will do it, explaining what is wrong when it fails.
 """
@@ -20,24 +21,27 @@ import ssl
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
+from tdamil.federation.processes import split_host_port
 from tdamil.security.certs import CertsError, _load_cert, _is_ca, check_certificate, check_site_key
-from tdamil.security.config import SiteAuthConfig, TLSConfig
+from tdamil.security.config import ServerAuthConfig, SiteAuthConfig, TLSConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SecurityCheckError", "require_tls", "check_server_tls", "check_site_security", "probe_tls", "split_address"]
+__all__ = ["SecurityCheckError", "require_tls", "check_server_tls", "check_coordinator_security",
+           "check_site_security", "probe_tls"]
+
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "", "127.0.0.1", "localhost")
 
 
 class SecurityCheckError(RuntimeError):
     """A security precondition failed; the message names the file or address and the fix."""
 
 
-def split_address(address: str) -> tuple[str, int]:
-    """``host:port`` (``[v6]:port`` too) -> (host, port), with a clear error."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise SecurityCheckError(f"address {address!r} must be host:port, e.g. coordinator.example.org:9092.")
-    return host.strip("[]"), int(port)
+def _split(address: str) -> tuple[str, int]:
+    try:
+        return split_host_port(address)
+    except ValueError as exc:
+        raise SecurityCheckError(str(exc)) from None
 
 
 def require_tls(tls: TLSConfig, insecure: bool, role: Literal["server", "site"], source: str = "config") -> bool:
@@ -79,10 +83,54 @@ def check_server_tls(tls: TLSConfig, public_names: Sequence[str] = (), source: s
         logger.warning("%s", w)
 
 
+def check_coordinator_security(tls: TLSConfig, auth: ServerAuthConfig, *, insecure: bool, public_address: str,
+                               source: str = "config") -> bool:
+    """The coordinator's one security precondition check, before anything starts; returns whether
+    TLS is on. ``public_address`` is where sites dial (``superlink.address``): a DNS name there must
+    be covered by the certificate; an IP there only warns (sites may dial a covered DNS name)."""
+    given = [tls.ca_cert, tls.cert, tls.key]
+    if insecure:
+        if auth.enabled:
+            raise SecurityCheckError(f"{source}: auth.enabled needs TLS (Flower refuses node authentication "
+                                     "without it); drop --insecure or set auth.enabled: false for a local test.")
+        if any(given):
+            logger.warning("--insecure given: the TLS certificates in %s are ignored.", source)
+        return False
+    if any(given) and not all(given):
+        raise SecurityCheckError(f"{source}: 'tls' needs ca_cert, cert and key together (or none with --insecure).")
+    host, _ = _split(public_address)
+    check_server_tls(tls, [], source=source)  # parse, CA signature, validity, key, 127.0.0.1
+    if host not in _WILDCARD_HOSTS:
+        try:
+            check_server_tls(tls, [host], source=source)
+        except SecurityCheckError as exc:
+            if not _is_ip(host):
+                raise  # sites dial this name: the certificate must cover it
+            logger.warning("%s (sites must dial a name the certificate covers).", " ".join(str(exc).split()))
+    if auth.enabled:
+        folder = auth.site_public_keys
+        if folder is None or not Path(folder).is_dir() or not any(Path(folder).glob("*.pub")):
+            raise SecurityCheckError(f"{source}: 'auth.enabled' is true but 'auth.site_public_keys' ({folder}) is not "
+                                     "a folder of <site>.pub files. Collect each site's <site>.pub there "
+                                     "(certs/site_keys/, written by `tdamil-certs issue`).")
+    return True
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress  # noqa: PLC0415
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def check_site_security(
     tls: TLSConfig, auth: SiteAuthConfig, insecure: bool = False, source: str = "config"
 ) -> None:
-    """The site's CA certificate is a readable CA; its private key (if any) is a usable, private key."""
+    """The site's one security precondition check: unless ``insecure``, ``tls.ca_cert`` is set and is a
+    readable CA; ``auth.private_key`` (if any) is a usable, private OpenSSH key."""
     if require_tls(tls, insecure, role="site", source=source):
         try:
             ca = _load_cert(Path(tls.ca_cert))
@@ -105,7 +153,7 @@ def probe_tls(address: str, ca_cert: Path | str, timeout: float = 5.0, server_na
     Returns the negotiated TLS version; raises :class:`SecurityCheckError` saying what is wrong:
     unreachable, plaintext server, certificate from another CA, name not covered, expired.
     """
-    host, port = split_address(address)
+    host, port = _split(address)
     name = server_name or host
     ctx = ssl.create_default_context(cafile=str(ca_cert))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -131,8 +179,8 @@ def probe_tls(address: str, ca_cert: Path | str, timeout: float = 5.0, server_na
             ) from None
         if code in (9, 10):
             raise SecurityCheckError(
-                f"the coordinator's certificate at {address} is {msg}. Check this machine's clock; otherwise the "
-                "coordinator must renew it ('tdamil-certs init')."
+                f"the coordinator's certificate at {address} is not valid at this machine's time ({msg}). Check "
+                "this machine's clock; otherwise the coordinator must renew it ('tdamil-certs init')."
             ) from None
         raise SecurityCheckError(
             f"the certificate presented by {address} is not signed by the CA in {ca_cert} ({msg}). Get the "

@@ -1,0 +1,107 @@
+"""The one SuperNode supervisor: run ``flower-supernode`` in the foreground, restart it, stop it.
+
+Flower 1.42's SuperNode exits after ``--max-retries`` failed reconnections, and may log "Giving up
+reconnection" or "SuperNode terminated gracefully" and then not exit (its runtime server and
+SuperExec keep it alive). :func:`supervise_supernode` follows its output, kills such a process
+``hang_grace`` seconds later and starts a fresh one (backoff 2-30 s), until Ctrl-C / SIGTERM.
+
+A SuperLink with node authentication answers a key it does not know with Flower error 2004
+("Failed to activate SuperNode", exit code 305). Retrying cannot fix that, so when the SuperNode
+was never accepted in this session :class:`SuperNodeRejected` is raised instead of reconnecting
+forever. (Once accepted, a 2004 may also mean "this key is still marked online" after a network
+cut, which clears by itself: then it is retried.)
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from typing import Any, Optional
+
+from tdamil.federation.processes import ManagedProcess
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SuperNodeRejected", "supervise_supernode"]
+
+# Lines after which a Flower 1.42 SuperNode is finished but may not exit by itself.
+_ENDED_MARKERS = ("SuperNode terminated", "Giving up reconnection")
+_REJECTED_MARKERS = ("[code: 2004]", "Failed to activate SuperNode")
+_ACCEPTED_MARKER = "SuperNode ID:"
+
+
+class SuperNodeRejected(RuntimeError):
+    """The coordinator refused this SuperNode's key (not registered, or another key)."""
+
+
+class _Output:
+    """Echo the SuperNode's lines in the project's log format and note what they say."""
+
+    def __init__(self) -> None:
+        self.ended = threading.Event()
+        self.rejected = threading.Event()
+        self.accepted = threading.Event()
+
+    def __call__(self, line: str) -> None:
+        from tdamil.logs import reformat_flower_line  # noqa: PLC0415
+
+        sys.stdout.write(reformat_flower_line(line, source="flower-supernode"))
+        sys.stdout.flush()
+        if any(marker in line for marker in _ENDED_MARKERS):
+            self.ended.set()
+        if any(marker in line for marker in _REJECTED_MARKERS):
+            self.rejected.set()
+        if _ACCEPTED_MARKER in line:
+            self.accepted.set()
+
+
+def _run_once(cmd: list[str], env: dict[str, str], hang_grace: float) -> tuple[Optional[int], _Output]:
+    """Run one SuperNode until it exits (or hangs after its last line); returns (exit code, output)."""
+    out = _Output()
+    proc = ManagedProcess("flower-supernode", cmd, None, env=env, on_line=out)
+    try:
+        ended_at: Optional[float] = None
+        while proc.poll() is None:
+            if out.ended.is_set() or out.rejected.is_set():
+                ended_at = ended_at or time.monotonic()
+                if time.monotonic() - ended_at > hang_grace:
+                    break
+            time.sleep(0.2)
+    finally:
+        code = proc.stop()  # SIGTERM, SIGKILL 5 s later (also on Ctrl-C)
+    return code, out
+
+
+def supervise_supernode(cmd: list[str], env: dict[str, str], *, restart: bool = True,
+                        backoff: tuple[float, float] = (2.0, 30.0), hang_grace: float = 10.0) -> int:
+    """Run the SuperNode; restart it when it stops (coordinator restarted, network lost) until
+    Ctrl-C / SIGTERM. Returns the exit code (130 when interrupted); raises :class:`SuperNodeRejected`
+    when the coordinator refuses the key before ever accepting it."""
+
+    def _stop(signum: int, frame: Any) -> None:  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    delay = backoff[0]
+    accepted_once = False
+    try:
+        while True:
+            started = time.monotonic()
+            code, out = _run_once(cmd, env, hang_grace)
+            accepted_once = accepted_once or out.accepted.is_set()
+            if out.rejected.is_set() and not accepted_once:
+                raise SuperNodeRejected("the coordinator refused this site's key")
+            if not restart:
+                return int(code or 0)
+            if time.monotonic() - started > 60:
+                delay = backoff[0]
+            logger.warning("The SuperNode stopped (exit code %s): the coordinator may be restarting or unreachable. "
+                           "Reconnecting in %.0f s (Ctrl-C to quit).", code, delay)
+            time.sleep(delay)
+            delay = min(backoff[1], delay * 2)
+    except KeyboardInterrupt:
+        logger.info("Stopping the SuperNode.")
+        return 130
