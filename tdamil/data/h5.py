@@ -4,6 +4,8 @@ Layout written by :func:`write_features` (readable by TRIDENT- and CLAM-style lo
 
     /features   float32 (N, D), chunked by ~1024 rows
     /coords     int64   (N, 2), level-0 top-left (x, y) of each patch
+    /padded     uint8   (N,), optional: 1 where the patch reaches past the slide's edge and was
+                padded with white (background), as CLAM's padding does; attr ``n_padded`` counts them
     attrs       on the file root and, as TRIDENT does, on ``/coords``:
                 patch_size, patch_size_level0, level0_magnification, target_magnification,
                 overlap, level0_width, level0_height, name, plus this project's
@@ -73,11 +75,14 @@ class FeatureBag:
     features: float32 ``(N, D)``.
     coords:   int64 ``(N, 2)`` level-0 top-left ``(x, y)``, or ``None`` (CLAM ``.pt`` files).
     attrs:    plain Python values (str, int, float, bool, lists); empty for ``.pt`` files.
+    padded:   bool ``(N,)``: the patch was padded with white past the slide's edge; ``None`` when
+              the file does not say (CLAM, TRIDENT, older files).
     """
 
     features: np.ndarray
     coords: Optional[np.ndarray]
     attrs: dict[str, Any] = field(default_factory=dict)
+    padded: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -96,9 +101,13 @@ def write_features(
     features: np.ndarray,
     coords: np.ndarray,
     attrs: Optional[dict[str, Any]] = None,
+    padded: Optional[np.ndarray] = None,
 ) -> Path:
     """Write one slide's features and coordinates to ``path`` atomically; returns the path.
 
+    ``padded`` (bool ``(N,)``, optional) marks patches padded with background past the slide's
+    edge; stored as the extra dataset ``padded`` (CLAM/TRIDENT readers ignore it) plus the attr
+    ``n_padded``.
     ``features`` must be finite floats ``(N, D)`` (stored as float32); ``coords`` integers
     ``(N, 2)`` (stored as int64, level-0 top-left x, y). ``attrs`` values may be str, int,
     float, bool, None (skipped), lists/arrays of numbers, or dicts (stored as JSON text).
@@ -131,6 +140,11 @@ def write_features(
             "(check the weights file and the input normalisation)."
         )
     xy = xy.astype(np.int64, copy=False)
+    if padded is not None:
+        padded = np.asarray(padded, dtype=bool).reshape(-1)
+        if padded.shape[0] != feats.shape[0]:
+            raise ValueError(f"{path}: padded must have one flag per feature row ({feats.shape[0]}), got {padded.shape[0]}.")
+        attrs["n_padded"] = int(padded.sum())
     missing = [k for k in TRIDENT_ATTRS if k not in attrs]
     if missing:
         logger.debug("%s: TRIDENT attributes not given: %s", path, ", ".join(missing))
@@ -145,6 +159,8 @@ def write_features(
             else:  # empty bag: chunked, resizable datasets of zero rows
                 f.create_dataset("features", shape=(0, d), maxshape=(None, d), dtype=np.float32, chunks=(1, max(d, 1)))
                 f.create_dataset("coords", shape=(0, 2), maxshape=(None, 2), dtype=np.int64, chunks=(1, 2))
+            if padded is not None:
+                f.create_dataset("padded", data=padded.astype(np.uint8))
             for key, value in attrs.items():
                 stored = _to_h5_attr(value)
                 if stored is None:
@@ -275,6 +291,7 @@ def _read_h5(path: Path) -> FeatureBag:
         try:
             feats = np.asarray(f["features"][()])
             xy = np.asarray(f["coords"][()]) if "coords" in f else None
+            padded = np.asarray(f["padded"][()]).astype(bool) if "padded" in f else None
         except (OSError, KeyError, TypeError) as exc:
             raise FeatureFileError(f"{path}: could not read its datasets ({exc}); {_FIX_REEXTRACT}.") from None
         attrs = _collect_attrs(f)
@@ -291,7 +308,9 @@ def _read_h5(path: Path) -> FeatureBag:
             if not np.all(np.isfinite(xy)):
                 raise FeatureFileError(f"{path}: 'coords' holds NaN/inf values; {_FIX_REEXTRACT}.")
         xy = xy.astype(np.int64, copy=False)
-    return FeatureBag(features=feats, coords=xy, attrs=attrs)
+    if padded is not None and padded.shape != (feats.shape[0],):
+        raise FeatureFileError(f"{path}: 'padded' has shape {padded.shape}, expected ({feats.shape[0]},); {_FIX_REEXTRACT}.")
+    return FeatureBag(features=feats, coords=xy, attrs=attrs, padded=padded)
 
 
 def _read_pt(path: Path) -> FeatureBag:

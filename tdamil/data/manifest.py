@@ -18,6 +18,10 @@ slide_path      no         slide file, relative to the CSV's folder or absolute
 ``fold`` as integers) plus ``label_index`` (the class index, following ``classes``). The class
 names in label order are stored in ``df.attrs["classes"]``.
 
+Extraction needs no labels: :func:`load_slide_list` reads a manifest whose only required column is
+``slide_id`` (``slide_path`` and ``mpp`` are used when present, other columns are ignored), so a site
+can extract a whole archive before its labels are curated.
+
 Every problem raises :class:`ManifestError` naming the CSV, the row (as a spreadsheet shows it: the
 header is line 1) and the fix.
 """
@@ -32,7 +36,8 @@ import pandas as pd
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ManifestError", "REQUIRED_COLUMNS", "OPTIONAL_COLUMNS", "SPLIT_NAMES", "load_manifest", "manifest_classes"]
+__all__ = ["ManifestError", "REQUIRED_COLUMNS", "OPTIONAL_COLUMNS", "SPLIT_NAMES", "load_manifest", "load_slide_list",
+           "manifest_classes"]
 
 REQUIRED_COLUMNS = ("slide_id", "patient_id", "label")
 OPTIONAL_COLUMNS = ("cohort", "split", "fold", "slide_path")
@@ -197,3 +202,38 @@ def manifest_classes(df: pd.DataFrame) -> list[str]:
     if not classes:
         raise ValueError("this DataFrame did not come from load_manifest (no attrs['classes']).")
     return list(classes)
+
+
+def load_slide_list(path: str | Path) -> pd.DataFrame:
+    """Read a manifest for extraction only: ``slide_id`` required and unique, nothing else checked.
+
+    ``slide_path`` values are resolved relative to the CSV's folder, as in :func:`load_manifest`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest CSV not found. Check data.manifest in your YAML (cwd is {Path.cwd()}).")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise ManifestError(f"{path}: the manifest is empty. It needs a header line 'slide_id' and one row per slide.") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: not a readable CSV ({exc}). Save it as comma-separated UTF-8 text.") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    if "slide_id" not in df.columns:
+        raise ManifestError(f"{path}: no slide_id column (found: {', '.join(df.columns) or 'nothing'}). "
+                            "Extraction needs at least a header line 'slide_id' and one slide per row.")
+    for col in df.columns:
+        df[col] = df[col].astype(str).str.strip()
+    empty = df.index[df["slide_id"] == ""].tolist()
+    if empty:
+        raise ManifestError(f"{path}: empty slide_id on row(s) {_rows(empty)}. Fill them in or remove those rows.")
+    dup = df["slide_id"].duplicated(keep=False)
+    if dup.any():
+        dup_id = df.loc[dup, "slide_id"].iloc[0]
+        raise ManifestError(f"{path}: duplicate slide_id '{dup_id}' on rows {_rows(df.index[df['slide_id'] == dup_id].tolist())}. "
+                            "Each slide must appear once.")
+    if "slide_path" in df.columns:
+        base = path.resolve().parent
+        df["slide_path"] = ["" if not p else str(Path(p) if Path(p).is_absolute() else base / p) for p in df["slide_path"]]
+    df.attrs["source"] = str(path)
+    return df

@@ -3,9 +3,14 @@
     tdamil-extract --config configs/sites/site_a.yaml
     tdamil-extract --site site_a                 # = --config configs/sites/site_a.yaml
     tdamil-extract --site site_a --slides S1 S2 --device cuda --overwrite
+    tdamil-extract --site site_a --device cuda:0 &  tdamil-extract --site site_a --device cuda:1 &
+    tdamil-extract --site site_a --shard 0/4        # this machine takes every 4th slide from the 1st
 
 Only the ``site``, ``data`` and ``extraction`` sections of the site YAML are read and validated
-(the other sections belong to the training client). Exit status: 0 all slides done or skipped,
+(the other sections belong to the training client). No labels are needed: the manifest needs only
+a ``slide_id`` column, and without ``data.manifest`` every slide file in ``data.slides_dir`` is
+extracted. Several processes may run at once on one features folder (one per GPU, or shards on
+several machines): each slide is claimed by one process; the others report it as busy. Exit status: 0 all slides done or skipped,
 1 some slides failed (listed with reason and fix), 2 the configuration is invalid.
 """
 
@@ -30,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--site", help="site name: reads configs/sites/<site>.yaml under --configs-dir")
     p.add_argument("--configs-dir", type=Path, default=Path("configs/sites"), help="where --site looks (default configs/sites)")
     p.add_argument("--slides", nargs="+", metavar="SLIDE_ID", help="only these slides (default: the whole manifest)")
-    p.add_argument("--device", help="override extraction.device (auto, cpu, cuda, cuda:1)")
+    p.add_argument("--device", help="override extraction.device (auto, cpu, cuda, cuda:1); run one process per GPU")
+    p.add_argument("--shard", type=_shard, metavar="I/N", help="only every N-th slide starting at the I-th (0-based)")
     p.add_argument("--batch-size", type=int, help="override extraction.batch_size")
     p.add_argument("--num-workers", type=int, help="override extraction.num_workers")
     p.add_argument("--overwrite", action="store_true", help="re-extract slides already done")
@@ -39,8 +45,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not I/N, e.g. 0/2") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise argparse.ArgumentTypeError(f"'{text}': need 0 <= I < N, e.g. 0/2 and 1/2")
+    return i, n
+
+
 def load_extraction_sections(path: Path, overrides: Optional[dict] = None):
-    """``(site, DataConfig, ExtractionConfig)`` from a site YAML; other sections are ignored."""
+    """``(site, DataConfig, ExtractionConfig)`` from a site YAML; other sections are ignored.
+
+    ``data.manifest`` may be left out (``DataConfig.manifest`` is then None): extraction then
+    takes every slide file in ``data.slides_dir``.
+    """
     from tdamil.data.config import DataConfig
 
     from .extract import ExtractionConfig
@@ -52,7 +72,16 @@ def load_extraction_sections(path: Path, overrides: Optional[dict] = None):
         raise ConfigError(f"{path}: 'site' is required: the site's name as text, e.g. site: site_a.")
     if "data" not in raw:
         raise ConfigError(f"{path}: 'data' is required (manifest, features_dir, slides_dir). Add the section.")
-    data_cfg = from_dict(DataConfig, raw["data"] or {}, source=f"{path}: data", base_dir=base)
+    data_raw = dict(raw["data"] or {})
+    folder_only = "manifest" not in data_raw
+    if folder_only:
+        if "slides_dir" not in data_raw:
+            raise ConfigError(f"{path}: data needs a manifest (a CSV with a slide_id column) or a slides_dir "
+                              "(every slide file in it is extracted). Add one of them.")
+        data_raw["manifest"] = "."  # validated as a path, then dropped below
+    data_cfg = from_dict(DataConfig, data_raw, source=f"{path}: data", base_dir=base)
+    if folder_only:
+        data_cfg.manifest = None  # type: ignore[assignment]
     ext_raw = dict(raw.get("extraction") or {})
     ext_raw.update(overrides or {})
     ext_cfg = from_dict(ExtractionConfig, ext_raw, source=f"{path}: extraction", base_dir=base)
@@ -76,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .extract import extract_site
 
         logger.info("site %s: extracting with %s into %s", site, ext_cfg.encoder, data_cfg.features_dir)
-        summary = extract_site(data_cfg, ext_cfg, slide_ids=args.slides)
+        summary = extract_site(data_cfg, ext_cfg, slide_ids=args.slides, shard=args.shard)
     except (ConfigError, ValueError, RuntimeError) as exc:  # config, manifest, encoder, extraction set-up
         logger.error("%s", exc)
         print(f"tdamil-extract: error: {exc}", file=sys.stderr)

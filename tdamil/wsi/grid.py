@@ -3,9 +3,12 @@
 A patch is ``patch_size`` x ``patch_size`` pixels at the target resolution (default 512 px at
 20x = 0.5 um/px). On a 40x slide (0.25 um/px) that is 1024 level-0 pixels; they are read from a
 pyramid level with downsample ~2 when the slide has one, else 1024 px from level 0 resized to
-512. Grid cells do not overlap, start at (0, 0), lie fully inside the slide and are kept when at
-least ``min_tissue`` of their area is tissue on the thumbnail mask. Coordinates are the level-0
-top-left ``(x, y)`` of each cell.
+512. Grid cells do not overlap, start at (0, 0) and cover the whole slide: the last column and
+row reach past the right and bottom edges. A cell is kept when at least ``min_tissue`` of its
+*whole* area is tissue on the thumbnail mask (the part outside the slide counts as background), so
+an edge cell that holds tissue is patched, and what lies past the edge is read as white (as
+openslide returns transparent pixels there, see :func:`~tdamil.wsi.reader.to_rgb_white`), like
+CLAM's padding. Coordinates are the level-0 top-left ``(x, y)`` of each cell.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 from .reader import Slide, SlideError
 from .tissue import TissueMask
 
-__all__ = ["ReadPlan", "plan_read", "tissue_grid"]
+__all__ = ["ReadPlan", "plan_read", "tissue_grid", "padded_cells"]
 
 
 @dataclass(frozen=True)
@@ -106,13 +109,13 @@ def tissue_grid(
     """Level-0 top-left coordinates of the grid cells with at least ``min_tissue`` tissue.
 
     Returns ``(coords int64 (N, 2) as x, y in row-major order, tissue_fraction float32 (N,))``.
-    The tissue fraction of a cell is the mean of the thumbnail mask over the cell's footprint.
+    The tissue fraction of a cell is the thumbnail mask summed over the cell's footprint inside the
+    slide, divided by the footprint the whole cell would have (edge cells count their outside as
+    background).
     """
     w0, h0 = dimensions
     ps0 = int(patch_size_level0)
-    cols, rows = w0 // ps0, h0 // ps0
-    if cols == 0 or rows == 0:
-        return np.zeros((0, 2), np.int64), np.zeros((0,), np.float32)
+    cols, rows = -(-w0 // ps0), -(-h0 // ps0)
     mask = tissue.mask.astype(np.float64)
     th, tw = mask.shape
     integral = np.zeros((th + 1, tw + 1), np.float64)
@@ -128,7 +131,19 @@ def tissue_grid(
     Y0, X0 = np.meshgrid(y0, x0, indexing="ij")
     Y1, X1 = np.meshgrid(y1, x1, indexing="ij")
     sums = integral[Y1, X1] - integral[Y0, X1] - integral[Y1, X0] + integral[Y0, X0]
-    frac = sums / ((Y1 - Y0) * (X1 - X0))
+    # a full cell's footprint in thumbnail pixels: edge cells are judged on their whole area
+    over_x = np.repeat(((np.arange(cols) + 1) * ps0 > w0)[None, :], rows, axis=0)
+    over_y = np.repeat(((np.arange(rows) + 1) * ps0 > h0)[:, None], cols, axis=1)
+    cell_w = np.where(over_x, np.maximum(X1 - X0, ps0 / sx), X1 - X0)
+    cell_h = np.where(over_y, np.maximum(Y1 - Y0, ps0 / sy), Y1 - Y0)
+    frac = sums / (cell_w * cell_h)
     keep_r, keep_c = np.nonzero(frac >= min_tissue)
     coords = np.stack([keep_c * ps0, keep_r * ps0], axis=1).astype(np.int64)
     return coords, frac[keep_r, keep_c].astype(np.float32)
+
+
+def padded_cells(coords: np.ndarray, dimensions: tuple[int, int], patch_size_level0: int) -> np.ndarray:
+    """Bool ``(N,)``: the cell at ``coords`` reaches past the slide's right or bottom edge."""
+    xy = np.asarray(coords).reshape(-1, 2)
+    w0, h0 = dimensions
+    return (xy[:, 0] + patch_size_level0 > w0) | (xy[:, 1] + patch_size_level0 > h0)

@@ -1,12 +1,20 @@
-"""Per-slide quality-control picture: thumbnail, tissue outline and the kept patch grid.
+"""Per-slide quality-control pictures a pathologist can read.
 
-Drawn with OpenCV (fast enough to make one per slide during extraction). Green lines outline the
-tissue mask, blue squares are the patches that were encoded; a caption gives the counts.
+They are drawn on a thumbnail read from the slide at :data:`QC_LONG_SIDE` pixels on the long side
+(or the slide's own size when it is smaller), not on the small thumbnail the tissue mask was
+computed on. Three PNGs per slide, so each can be checked on its own:
+
+* ``<slide_id>.png``       the thumbnail, the tissue outline (green) and the encoded patches (blue;
+                           patches padded past the slide's edge in orange), with a caption;
+* ``<slide_id>_mask.png``  the tissue mask alone (white = tissue), same size;
+* ``<slide_id>_grid.png``  the thumbnail with the patch grid alone.
+
+The mask is enlarged with linear interpolation and cut at 0.5, so the outline follows the tissue
+smoothly instead of in thumbnail-pixel stair steps.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -15,46 +23,74 @@ import numpy as np
 
 from tdamil.atomic import atomic_path
 
+from .reader import Slide
 from .tissue import TissueMask
 
-__all__ = ["qc_image", "save_qc_thumbnail"]
+__all__ = ["QC_LONG_SIDE", "qc_thumbnail", "mask_at", "qc_images", "save_qc_pictures", "save_png"]
 
+#: Long side of the QC pictures in pixels (at least 1000; smaller slides are drawn at their size).
+QC_LONG_SIDE = 1500
 TISSUE_RGB = (0, 170, 0)
 PATCH_RGB = (30, 80, 230)
+PADDED_RGB = (255, 140, 0)
 
 
-def qc_image(tissue: TissueMask, coords: np.ndarray, patch_size_level0: int, title: Optional[str] = None,
-             min_side_px: int = 800, max_side_px: int = 2000) -> np.ndarray:
-    """RGB uint8 QC picture on the thumbnail of ``tissue`` (see module docstring), scaled so its
-    long side is between ``min_side_px`` and ``max_side_px``."""
-    th, tw = tissue.thumbnail.shape[:2]
-    long_side = max(th, tw)
-    f = min_side_px / long_side if long_side < min_side_px else min(1.0, max_side_px / long_side)
-    size = (max(1, round(tw * f)), max(1, round(th * f)))
-    img = np.ascontiguousarray(cv2.resize(tissue.thumbnail, size, interpolation=cv2.INTER_LINEAR if f > 1 else cv2.INTER_AREA))
-    mask = cv2.resize(tissue.mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
-    th, tw = img.shape[:2]
-    contours, _ = cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-    cv2.drawContours(img, contours, -1, TISSUE_RGB, thickness=max(1, round(long_side * f / 400)))
-    ds = tissue.downsample * tissue.thumbnail.shape[1] / tw
-    side = max(1, int(round(patch_size_level0 / ds)))
-    for x, y in np.asarray(coords).reshape(-1, 2):
+def qc_thumbnail(slide: Slide, long_side: int = QC_LONG_SIDE) -> tuple[np.ndarray, float]:
+    """``(rgb, downsample)``: the slide at ``long_side`` px on its long side, or at level 0 when smaller."""
+    return slide.thumbnail(max(1.0, max(slide.dimensions) / long_side))
+
+
+def mask_at(tissue: TissueMask, size: tuple[int, int]) -> np.ndarray:
+    """The tissue mask enlarged to ``size = (w, h)``, smoothly (uint8 0/255)."""
+    soft = cv2.resize(tissue.mask.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
+    return np.where(soft >= 0.5, 255, 0).astype(np.uint8)
+
+
+def _draw_grid(img: np.ndarray, coords: np.ndarray, padded: np.ndarray, ps0: int, ds: float) -> None:
+    side = max(1, int(round(ps0 / ds)))
+    thick = max(1, round(max(img.shape[:2]) / 750))
+    for (x, y), pad in zip(np.asarray(coords).reshape(-1, 2), padded):
         x0, y0 = int(round(x / ds)), int(round(y / ds))
-        cv2.rectangle(img, (x0, y0), (x0 + side - 1, y0 + side - 1), PATCH_RGB, thickness=1)
+        cv2.rectangle(img, (x0, y0), (x0 + side - 1, y0 + side - 1), PADDED_RGB if pad else PATCH_RGB, thick)
+
+
+def _caption(img: np.ndarray, text: str) -> np.ndarray:
+    bar = np.full((32, img.shape[1], 3), 255, np.uint8)
+    cv2.putText(bar, text, (6, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([bar, img], axis=0)
+
+
+def qc_images(thumb: np.ndarray, ds: float, tissue: TissueMask, coords: np.ndarray, patch_size_level0: int,
+              padded: Optional[np.ndarray] = None, title: Optional[str] = None) -> dict[str, np.ndarray]:
+    """``{"overlay", "mask", "grid"}`` pictures on ``thumb`` (``ds`` level-0 px per thumbnail px)."""
+    padded = np.zeros(len(coords), bool) if padded is None else np.asarray(padded, bool)
+    h, w = thumb.shape[:2]
+    mask = mask_at(tissue, (w, h))
+    grid = np.ascontiguousarray(thumb[..., :3], dtype=np.uint8).copy()
+    _draw_grid(grid, coords, padded, patch_size_level0, ds)
+    overlay = grid.copy()
+    contours, _ = cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(overlay, contours, -1, TISSUE_RGB, thickness=max(2, round(max(h, w) / 500)), lineType=cv2.LINE_AA)
     if title is not None:
-        caption = f"{title}: {len(coords)} patches, tissue {tissue.tissue_fraction:.0%}"
-        bar = np.full((28, tw, 3), 255, np.uint8)
-        cv2.putText(bar, caption, (4, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
-        img = np.concatenate([bar, img], axis=0)
-    return img
+        overlay = _caption(overlay, f"{title}: {len(coords)} patches ({int(padded.sum())} padded at the edge), "
+                                    f"tissue {tissue.tissue_fraction:.0%}")
+    return {"overlay": overlay, "mask": mask, "grid": grid}
 
 
-def save_qc_thumbnail(path: str | os.PathLike, tissue: TissueMask, coords: np.ndarray, patch_size_level0: int,
-                      title: Optional[str] = None) -> Path:
-    """Write :func:`qc_image` as PNG to ``path`` (folders created); returns the path."""
+def save_png(path: Path, img: np.ndarray) -> Path:
+    """Write an RGB or grey uint8 image as PNG atomically."""
     path = Path(path)
-    img = qc_image(tissue, coords, patch_size_level0, title)
+    bgr = cv2.cvtColor(img, cv2.COLOR_RGB2BGR) if img.ndim == 3 else img
     with atomic_path(path, suffix=".tmp.png") as tmp:
-        if not cv2.imwrite(str(tmp), cv2.cvtColor(img, cv2.COLOR_RGB2BGR)):
-            raise OSError(f"{path}: could not write the QC picture")
+        if not cv2.imwrite(str(tmp), bgr):
+            raise OSError(f"{path}: could not write the picture")
     return path
+
+
+def save_qc_pictures(qc_dir: Path, slide_id: str, slide: Slide, tissue: TissueMask, coords: np.ndarray,
+                     patch_size_level0: int, padded: Optional[np.ndarray] = None) -> list[Path]:
+    """Write the three QC pictures of one slide into ``qc_dir`` (see module docstring)."""
+    thumb, ds = qc_thumbnail(slide)
+    imgs = qc_images(thumb, ds, tissue, coords, patch_size_level0, padded, title=slide_id)
+    names = {"overlay": f"{slide_id}.png", "mask": f"{slide_id}_mask.png", "grid": f"{slide_id}_grid.png"}
+    return [save_png(Path(qc_dir) / names[k], img) for k, img in imgs.items()]
