@@ -9,7 +9,8 @@ site's manifest and cached features, runs the model (the federation's global che
 
 * ``predictions.csv``: slide_id, true label, predicted class and one probability column per class
   (:meth:`~tdamil.train.engine.EvalResult.predictions_table`);
-* ``metrics.json``: AUROC, balanced accuracy, F1, ... over these slides (undefined values are null);
+* ``metrics.json``: AUROC, balanced accuracy, F1, ... over these slides, with 95 % CIs (stratified
+  bootstrap over patients, :mod:`tdamil.stats`; undefined values are null);
 * ``heatmaps/<slide_id>.png``: the model's per-patch scores (TDA-MIL's task relevance ``s_i``,
   ABMIL's attention) painted over the slide thumbnail, where the slide file can be found.
 
@@ -115,6 +116,7 @@ def predict_site(
     from tdamil.data.bags import FeatureBagDataset
     from tdamil.data.manifest import load_manifest
     from tdamil.train.engine import evaluate
+    from tdamil.stats import bootstrap_ci, interval_columns
     from tdamil.train.metrics import metrics_for_json
 
     out = Path(out_dir)
@@ -143,7 +145,8 @@ def predict_site(
     with atomic_path(out / "predictions.csv") as tmp:
         table.to_csv(tmp, index=False)
     with atomic_path(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(metrics_for_json(result.metrics), indent=2))
+        ci = interval_columns(bootstrap_ci(result.labels, result.probs, dataset.patient_ids))
+        tmp.write_text(json.dumps(metrics_for_json(result.metrics | ci), indent=2))
     logger.info("Wrote %s and %s", out / "predictions.csv", out / "metrics.json")
 
     if heatmaps:
