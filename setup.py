@@ -1,12 +1,13 @@
 """Package layout only; all metadata lives in pyproject.toml.
 
-The repository keeps the given top-level folders (`tdamil/`, `server/`, `client/`), but only the
-`tdamil` name is installed: `server/` becomes `tdamil.server` and `client/` becomes `tdamil.client`.
+The repository keeps the given top-level folders (`tdamil/`, `server/`, `client/`, `simulation/`), but
+only the `tdamil` name is installed: `server/` becomes `tdamil.server`, `client/` becomes `tdamil.client`
+and `simulation/` (the layer above both apps) becomes `tdamil.simulation`.
 """
 
 from setuptools import find_packages, setup
 
-ROOTS = {"tdamil": "tdamil", "tdamil.server": "server", "tdamil.client": "client"}
+ROOTS = {"tdamil": "tdamil", "tdamil.server": "server", "tdamil.client": "client", "tdamil.simulation": "simulation"}
 
 packages = []
 package_dir = {}

@@ -91,7 +91,7 @@ def test_patient_grid_stops_waiting_after_the_timeout():
 
 # ---------------------------------------------------------------------------------------------
 def _sim_cfg(tmp_path: Path, rounds: int = 2, **fed):
-    from tdamil.federation.simulate import SimConfig
+    from tdamil.simulation.config import SimConfig
 
     cfg = SimConfig(model=dict(TINY), output_dir=tmp_path / "run", baselines=False)
     cfg.federation = FederationConfig(rounds=rounds, lr=1e-3, min_sites=2, round_timeout_s=60, wait_for_sites_s=5,
@@ -101,7 +101,7 @@ def _sim_cfg(tmp_path: Path, rounds: int = 2, **fed):
 
 def _sims(one_class_val: bool = False):
     from tdamil.data.bags import InMemoryBagDataset
-    from tdamil.federation.simulate import SimSites
+    from tdamil.simulation.sites import SimSites
 
     made = _digits_sites()
     sites = {n: SiteData(n, s.train, s.val, s.test) for n, s in made.items()}
@@ -113,7 +113,7 @@ def _sims(one_class_val: bool = False):
 
 
 def test_sites_send_only_model_arrays_metrics_and_their_name(tmp_path):
-    from tdamil.federation.simulate import run_federation
+    from tdamil.simulation.engines import run_federation
 
     cfg = _sim_cfg(tmp_path, rounds=1)
     sims = _sims(one_class_val=True)
@@ -143,7 +143,7 @@ def test_sites_send_only_model_arrays_metrics_and_their_name(tmp_path):
 
 def test_resume_continues_at_the_next_round_with_the_saved_model(tmp_path):
     from tdamil.federation.checkpoint import load_checkpoint
-    from tdamil.federation.simulate import run_federation
+    from tdamil.simulation.engines import run_federation
 
     sims = _sims()
     run_federation(_sim_cfg(tmp_path, rounds=2), sims, tmp_path / "run")
@@ -174,7 +174,7 @@ def test_resume_continues_at_the_next_round_with_the_saved_model(tmp_path):
 
 
 def test_a_failing_site_is_audited_and_the_round_completes_with_the_others(tmp_path):
-    from tdamil.federation.simulate import run_federation
+    from tdamil.simulation.engines import run_federation
 
     sims = _sims()
     bad = sims.sites["site_b"]
@@ -192,7 +192,7 @@ def test_a_failing_site_is_audited_and_the_round_completes_with_the_others(tmp_p
 # ---------------------------------------------------------------------------------------------
 def test_configs_shipped_with_the_project_validate():
     from tdamil.client.config import load_site_config
-    from tdamil.federation.simulate import load_sim_config
+    from tdamil.simulation.config import load_sim_config
     from tdamil.server.config import load_server_config
 
     load_server_config(REPO / "configs/server.yaml", check_files=False)
@@ -285,7 +285,7 @@ def test_server_config_docstring_model_example_validates():
 
 
 def test_output_folders_from_configs_are_clean_absolute_paths():
-    from tdamil.federation.simulate import load_sim_config
+    from tdamil.simulation.config import load_sim_config
     from tdamil.server.config import load_server_config
 
     sim = load_sim_config(REPO / "configs/sim_digits.yaml")  # output_dir: ../runs/sim_digits
@@ -309,7 +309,7 @@ def test_simulation_prints_each_flower_line_once_with_time_level_and_source(tmp_
         "data: {source: digits, digits: {num_sites: 2, site_test_bags: 4, held_out_fraction: 0.3,\n"
         "       bags: {num_train_bags: 6, num_val_bags: 4, num_test_bags: 8, mean_bag_size: 5, seed: 0}}}\n"
         "federation: {rounds: 1, min_sites: 2, round_timeout_s: 60, wait_for_sites_s: 5}\n")
-    res = subprocess.run([sys.executable, "-m", "tdamil.federation.simulate", "--config", str(cfg_dir / "sim.yaml")],
+    res = subprocess.run([sys.executable, "-m", "tdamil.simulation.cli", "--config", str(cfg_dir / "sim.yaml")],
                          capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     text = res.stdout + res.stderr
@@ -349,7 +349,7 @@ def test_flower_console_lines_get_the_project_format():
 
 def test_resume_refuses_a_checkpoint_with_flipped_bits_and_names_the_intact_round(tmp_path):
     from tdamil.federation.checkpoint import load_checkpoint
-    from tdamil.federation.simulate import run_federation
+    from tdamil.simulation.engines import run_federation
     from tdamil.security.integrity import CheckpointIntegrityError
 
     sims = _sims()
@@ -378,7 +378,7 @@ def test_resume_refuses_a_checkpoint_with_flipped_bits_and_names_the_intact_roun
 def test_a_failed_session_is_judged_by_its_own_audit_lines_not_the_earlier_run(tmp_path):
     from tdamil.federation.audit import AuditLog, session_outcome
     from tdamil.federation.demo import write_demo_federation
-    from tdamil.federation.simulate import run_federation
+    from tdamil.simulation.engines import run_federation
     from tdamil.server.coordinator import Coordinator
 
     sims = _sims()

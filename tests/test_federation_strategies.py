@@ -16,7 +16,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _run(tmp_path, rounds=2, privacy=None, **fed):
     from tdamil.data.digits import DigitsBagsConfig, make_digits_sites
-    from tdamil.federation.simulate import SimConfig, SimSites, run_federation
+    from tdamil.simulation.config import SimConfig
+    from tdamil.simulation.engines import run_federation
+    from tdamil.simulation.sites import SimSites
     from tdamil.federation.task import SiteData
 
     made = make_digits_sites(DigitsBagsConfig(num_train_bags=6, num_val_bags=4, num_test_bags=10, mean_bag_size=5,

@@ -33,15 +33,17 @@ def test_wheel_has_only_the_tdamil_top_level(wheel: Path) -> None:
     assert tops == {"tdamil"}, f"unexpected top-level entries in {wheel.name}: {sorted(tops)}"
     assert "tdamil/server/__init__.py" in names
     assert "tdamil/client/__init__.py" in names
-    assert not any(n.startswith(("server/", "client/", "tests/")) for n in names)
+    assert "tdamil/simulation/__init__.py" in names
+    assert not any(n.startswith(("server/", "client/", "simulation/", "tests/")) for n in names)
 
 
 def test_wheel_carries_every_source_module(wheel: Path) -> None:
-    """Every .py file of tdamil/, server/ and client/ is in the wheel at its mapped place."""
+    """Every .py file of tdamil/, server/, client/ and simulation/ is in the wheel at its mapped place."""
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
     expected = set()
-    for folder, prefix in (("tdamil", "tdamil"), ("server", "tdamil/server"), ("client", "tdamil/client")):
+    for folder, prefix in (("tdamil", "tdamil"), ("server", "tdamil/server"), ("client", "tdamil/client"),
+                           ("simulation", "tdamil/simulation")):
         for py in (ROOT / folder).rglob("*.py"):
             if "__pycache__" in py.parts:
                 continue

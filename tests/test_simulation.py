@@ -9,7 +9,7 @@ import os
 import torch
 import yaml
 
-from tdamil.federation.simulate import main
+from tdamil.simulation.cli import main
 
 
 def _simulate(path, cfg: dict) -> None:
