@@ -54,7 +54,7 @@ def _port_free(port: int) -> bool:
 
 
 def test_real_processes_resume_and_a_site_dying_mid_round(tmp_path):
-    from tdamil.federation.checkpoint import load_checkpoint
+    from tdamil.checkpoint import load_checkpoint
     from tdamil.federation.demo import write_demo_federation
     from tdamil.federation.task import ModelSpec, build_model
 
@@ -123,8 +123,8 @@ def test_real_processes_resume_and_a_site_dying_mid_round(tmp_path):
         init = build_model(spec, seed=0).state_dict()
         for key in ("task_token", "channel_matrix"):
             k = next(k for k in init if key in k)
-            assert not torch.equal(init[k], ck1["state_dict"][k].to(init[k].dtype)), f"{k} unchanged by round 1"
-        assert any(not torch.equal(ck1["state_dict"][k], ck2["state_dict"][k]) for k in init), "round 2 changed nothing"
+            assert not torch.equal(init[k], ck1["model_state"][k].to(init[k].dtype)), f"{k} unchanged by round 1"
+        assert any(not torch.equal(ck1["model_state"][k], ck2["model_state"][k]) for k in init), "round 2 changed nothing"
         heldout = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert {r["round"] for r in heldout if r["phase"] == "heldout"} == {0, 1, 2}
     finally:

@@ -142,7 +142,7 @@ def test_sites_send_only_model_arrays_metrics_and_their_name(tmp_path):
 
 
 def test_resume_continues_at_the_next_round_with_the_saved_model(tmp_path):
-    from tdamil.federation.checkpoint import load_checkpoint
+    from tdamil.checkpoint import load_checkpoint
     from tdamil.simulation.engines import run_federation
 
     sims = _sims()
@@ -150,7 +150,7 @@ def test_resume_continues_at_the_next_round_with_the_saved_model(tmp_path):
     first = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert first["round"] == 2
     r1 = load_checkpoint(tmp_path / "run" / "checkpoints" / "round_0001.pt")
-    assert any(not torch.equal(first["state_dict"][k], r1["state_dict"][k]) for k in r1["state_dict"])
+    assert any(not torch.equal(first["model_state"][k], r1["model_state"][k]) for k in r1["model_state"])
     run_federation(_sim_cfg(tmp_path, rounds=3), sims, tmp_path / "run", resume=True)
     events = read_audit(tmp_path / "run" / "audit.jsonl")
     resumed = [e for e in events if e["event"] == "resumed"]
@@ -348,7 +348,7 @@ def test_flower_console_lines_get_the_project_format():
 
 
 def test_resume_refuses_a_checkpoint_with_flipped_bits_and_names_the_intact_round(tmp_path):
-    from tdamil.federation.checkpoint import load_checkpoint
+    from tdamil.checkpoint import load_checkpoint
     from tdamil.simulation.engines import run_federation
     from tdamil.security.integrity import CheckpointIntegrityError
 

@@ -36,13 +36,13 @@ def _run(tmp_path, rounds=2, privacy=None, **fed):
 
 @pytest.mark.parametrize("strategy", ["fedprox", "fedadam", "fedyogi"])
 def test_other_strategies_update_the_global_model(tmp_path, strategy):
-    from tdamil.federation.checkpoint import load_checkpoint
+    from tdamil.checkpoint import load_checkpoint
 
     setup, rows = _run(tmp_path, strategy=strategy, proximal_mu=0.1, server_lr=0.01)
     assert setup.result.failed_rounds == []
-    r1 = load_checkpoint(tmp_path / "run" / "checkpoints" / "round_0001.pt")["state_dict"]
+    r1 = load_checkpoint(tmp_path / "run" / "checkpoints" / "round_0001.pt")["model_state"]
     r2 = load_checkpoint(tmp_path / "run" / "checkpoints" / "round_0002.pt")
-    assert any(not torch.equal(r1[k], r2["state_dict"][k]) for k in r1)
+    assert any(not torch.equal(r1[k], r2["model_state"][k]) for k in r1)
     if strategy != "fedprox":  # the server optimiser's moments are saved for --resume
         assert set(r2["strategy_state"]) == {"m_t", "v_t"}
 

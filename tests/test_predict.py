@@ -14,12 +14,12 @@ import torch
 import yaml
 from PIL import Image
 
+from tdamil.checkpoint import save_checkpoint
 from tdamil.data.config import DataConfig
 from tdamil.federation.checkpoint import CheckpointStore
 from tdamil.federation.task import ModelSpec, model_to_arrays
 from tdamil.models import create_model
 from tdamil.predict import PredictError, load_trained_model, main, predict_site
-from tdamil.train.engine import save_checkpoint
 from tdamil.wsi.extract import ExtractionConfig, extract_site
 
 CMU = Path(__file__).parent / "data" / "cmu_small_region.svs"

@@ -7,16 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from tdamil.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tdamil.data.bags import InMemoryBagDataset
-from tdamil.train.engine import (
-    CheckpointError,
-    TrainConfig,
-    evaluate,
-    fit,
-    load_checkpoint,
-    save_checkpoint,
-    train_one_epoch,
-)
+from tdamil.train.engine import TrainConfig, evaluate, fit, train_one_epoch
 from tdamil.train.metrics import METRIC_KEYS
 
 

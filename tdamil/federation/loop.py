@@ -104,7 +104,7 @@ class RoundLoop:
                 raise ValueError(f"{self.store.last_path}: the checkpoint's model differs from the config "
                                  "(model section or input dim changed). Resume with the same config, or "
                                  "start a new run in another output folder.")
-            arrays = ArrayRecord({k: v for k, v in ckpt["state_dict"].items()})  # type: ignore[arg-type]
+            arrays = ArrayRecord({k: v for k, v in ckpt["model_state"].items()})  # type: ignore[arg-type]
             restore_strategy_state(self.strategy, ckpt.get("strategy_state"))
             start = int(ckpt["round"]) + 1
             self.history.drop_after(int(ckpt["round"]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.serverapp import strategy as flwr_strategy
 
 from tdamil.federation.config import FederationConfig
@@ -51,18 +52,20 @@ def _inner(strategy: Any) -> Any:
 
 
 def strategy_state(strategy: Any) -> dict[str, Any]:
-    """Server-optimiser moments (FedAdam/FedYogi) so a resumed run continues exactly."""
+    """Server-optimiser moments (FedAdam/FedYogi) as tensors, so a resumed run continues exactly
+    and the checkpoint holds data only (:mod:`tdamil.checkpoint`)."""
     inner = _inner(strategy)
     state: dict[str, Any] = {}
     for name in ("m_t", "v_t"):
         value = getattr(inner, name, None)
         if value:
-            state[name] = {k: np.asarray(v) for k, v in value.items()}
+            state[name] = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in value.items()}
     return state
 
 
 def restore_strategy_state(strategy: Any, state: dict[str, Any] | None) -> None:
+    """Put moments saved by :func:`strategy_state` back as the numpy arrays Flower works with."""
     inner = _inner(strategy)
     for name, value in (state or {}).items():
         if hasattr(inner, name):
-            setattr(inner, name, {k: np.asarray(v) for k, v in value.items()})
+            setattr(inner, name, {k: v.numpy().copy() for k, v in value.items()})

@@ -3,8 +3,8 @@
 * :class:`TrainConfig`      the ``train:`` section of a YAML, with documented defaults.
 * :func:`train_one_epoch`   one pass over a dataset (optionally with the FedProx proximal term).
 * :func:`evaluate`          slide probabilities, patch scores and :mod:`metrics <tdamil.train.metrics>`.
-* :func:`fit`               epochs with validation, early stopping, best/last checkpoints, history.
-* :func:`save_checkpoint` / :func:`load_checkpoint`  atomic checkpoint files.
+* :func:`fit`               epochs with validation, early stopping, best/last checkpoints
+                            (:mod:`tdamil.checkpoint`), history.
 
 Bags differ in size (a slide has 5k-100k patches), so each step sees one bag (batch 1, as in the
 TDA-MIL paper); ``grad_accum_steps`` bags are accumulated per optimizer step, and the accumulated
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tdamil.atomic import atomic_path
-from tdamil.config import to_dict
+from tdamil.checkpoint import save_checkpoint
 from tdamil.data.bags import BagDataset, class_counts
 from tdamil.train.metrics import classification_metrics, higher_is_better, nan_metrics
 
@@ -38,18 +38,14 @@ __all__ = [
     "TrainConfig",
     "EvalResult",
     "FitResult",
-    "CheckpointError",
     "resolve_device",
     "seed_everything",
     "make_optimizer",
     "train_one_epoch",
     "evaluate",
     "fit",
-    "save_checkpoint",
-    "load_checkpoint",
 ]
 
-CHECKPOINT_FORMAT = 1
 MonitorKey = Literal["auroc", "balanced_accuracy", "f1", "accuracy", "loss"]
 
 
@@ -166,10 +162,6 @@ class FitResult:
     stopped_early: bool
     best_checkpoint: Optional[Path] = None
     last_checkpoint: Optional[Path] = None
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, damaged or does not fit the model. Names the file and the fix."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,60 +370,8 @@ def evaluate(model: nn.Module, dataset: BagDataset, device: str | torch.device |
     p = np.stack(probs).astype(np.float64) if probs else np.zeros((0, c))
     y = np.asarray(labels, dtype=np.int64)
     metrics = classification_metrics(y, p, num_classes=c) if len(y) else nan_metrics(0)
-    return EvalResult(metrics=metrics, probs=p, labels=y, slide_ids=ids, scores=scores)
-
-
-# --------------------------------------------------------------------------------------------
-def save_checkpoint(
-    path: str | Path,
-    model: nn.Module,
-    *,
-    train_config: Optional[TrainConfig] = None,
-    model_config: Any = None,
-    metrics: Optional[Mapping[str, float]] = None,
-    epoch: Optional[int] = None,
-    extra: Optional[Mapping[str, Any]] = None,
-) -> Path:
-    """Write model weights + configs + metrics to ``path`` atomically (temp file, then rename)."""
-    path = Path(path)
-    if model_config is None:  # every tdamil model keeps its config dataclass as .cfg
-        model_config = getattr(model, "cfg", None)
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "train_config": to_dict(train_config) if train_config is not None else None,
-        "model_config": to_dict(model_config) if model_config is not None else None,
-        "in_dim": getattr(model, "in_dim", None),
-        "num_classes": getattr(model, "num_classes", None),
-        "metrics": dict(metrics or {}),
-        "epoch": epoch,
-        "extra": dict(extra or {}),
-    }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return path
-
-
-def load_checkpoint(path: str | Path, model: Optional[nn.Module] = None, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint of :func:`save_checkpoint`; with ``model``, load its weights (strict)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found. Check the path or train a model first.")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types on damaged files
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc}). The file is damaged; use another checkpoint.") from exc
-    if not isinstance(ckpt, dict) or "model_state" not in ckpt:
-        raise CheckpointError(f"{path}: not a tdamil checkpoint (no model_state). Use a best.pt/last.pt written by tdamil.")
-    if model is not None:
-        try:
-            model.load_state_dict(ckpt["model_state"], strict=True)
-        except RuntimeError as exc:
-            raise CheckpointError(
-                f"{path}: weights do not fit this model ({str(exc).splitlines()[0]}). Build the model with the "
-                f"checkpoint's model_config: {ckpt.get('model_config')}."
-            ) from exc
-    return ckpt
+    inst = instance_metrics(scores, inst_labels, y.tolist(), [r if r is not None else s for r, s in zip(ranking, scores)])
+    return EvalResult(metrics=metrics, probs=p, labels=y, slide_ids=ids, scores=scores, instance_metrics=inst)
 
 
 # --------------------------------------------------------------------------------------------
