@@ -569,7 +569,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pi = sub.add_parser("init", help="create the consortium CA and the coordinator's server certificate")
-    pi.add_argument("--out", required=True, type=Path, help="folder to write (e.g. pki/)")
+    pi.add_argument("--out", required=True, type=Path,
+                    help="folder to write (e.g. certs/); site public keys go to <out>/site_keys/")
     pi.add_argument("--server-name", action="append", default=[], required=True,
                     help="DNS name sites dial (repeat for several); localhost is always added")
     pi.add_argument("--ip", action="append", default=[], help="IP address sites dial (repeatable); 127.0.0.1 is always added")
@@ -580,7 +581,9 @@ def _parser() -> argparse.ArgumentParser:
 
     ps = sub.add_parser("issue", help="create a site's key pair and copy the CA certificate it trusts")
     ps.add_argument("--site", required=True, help="site name, e.g. site_a")
-    ps.add_argument("--pki", type=Path, default=None, help="the folder made by 'init' (default: pki if it exists)")
+    ps.add_argument("--pki", type=Path, default=None,
+                    help="the folder made by 'init' (default: pki if it exists); the public key is also copied to "
+                         "<pki>/site_keys/<site>.pub, the folder auth.site_public_keys names")
     ps.add_argument("--ca", type=Path, default=None, help="the consortium ca.pem (at a hospital, without the PKI folder)")
     ps.add_argument("--out", type=Path, default=None, help="where the site's files go (default <pki>/sites/<site>)")
     ps.add_argument("--force", action="store_true", help="replace an existing key (it must then be registered again)")
