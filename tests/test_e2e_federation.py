@@ -65,7 +65,7 @@ def test_real_processes_resume_and_a_site_dying_mid_round(tmp_path):
         model={"name": "tdamil", "dim": 16, "depth": 1, "num_heads": 2},
         federation={"rounds": 2, "min_sites": 2, "min_replies": 1, "round_timeout_s": 60, "wait_for_sites_s": 120,
                     "evaluate_sites": False},
-        superlink=f"127.0.0.1:{fleet}", internal_port=internal, runtime_ports=ports)
+        superlink=f"127.0.0.1:{fleet}", internal_port=internal, runtime_ports=ports, secure=False)
     out = tmp_path / "run"
     env = flower_env(threads=1)
     py = sys.executable

@@ -231,7 +231,8 @@ def test_config_errors_name_the_key_and_the_fix(tmp_path):
 def test_coordinator_refuses_to_run_without_tls_unless_insecure(tmp_path):
     from tdamil.federation.demo import write_demo_federation
 
-    paths = write_demo_federation(tmp_path, num_sites=2, train_bags=4, val_bags=2, test_bags=2, heldout_bags=4)
+    paths = write_demo_federation(tmp_path, num_sites=2, train_bags=4, val_bags=2, test_bags=2, heldout_bags=4,
+                                  secure=False)
     res = subprocess.run([sys.executable, "-m", "tdamil.server.coordinator", "--config", str(paths["server"]), "--check"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "--insecure" in res.stderr and "tdamil-certs" in res.stderr
@@ -396,7 +397,8 @@ def test_a_failed_session_is_judged_by_its_own_audit_lines_not_the_earlier_run(t
     state, error = session_outcome(out / "audit.jsonl", failed_session)
     assert state == "failed" and "last.pt" in error
     # the coordinator: the earlier session's run_finished (last line) does not count for this one
-    paths = write_demo_federation(tmp_path / "demo", num_sites=2, train_bags=4, val_bags=2, test_bags=2, heldout_bags=4)
+    paths = write_demo_federation(tmp_path / "demo", num_sites=2, train_bags=4, val_bags=2, test_bags=2, heldout_bags=4,
+                                  secure=False)
     coord = Coordinator(paths["server"], insecure=True, resume=True, output_dir=tmp_path / "coord")
     AuditLog(coord.out_dir / "audit.jsonl", session="earlier").write("run_finished", last_round=1)
     assert not coord.run_finished() and coord.outcome() == ("unknown", None)

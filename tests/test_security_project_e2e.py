@@ -48,7 +48,9 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
-    """A finished 1-round federation: TLS, site keys registered, DP at the coordinator and sites."""
+    """A finished 1-round federation: TLS, site keys registered, DP at the coordinator and sites.
+
+    The demo's default (secure) files are used as written: the README's real-process demo path."""
     from tdamil.federation.demo import write_demo_federation
 
     root = tmp_path_factory.mktemp("proj_e2e")
@@ -58,20 +60,16 @@ def fed(tmp_path_factory):
         superlink=f"127.0.0.1:{public}", internal_port=internal, runtime_ports=[free_port(), free_port()],
         federation={"rounds": 1, "evaluate_sites": False, "round_timeout_s": 200, "wait_for_sites_s": 200},
     )
-    pki = root / "pki"
-    init_pki(pki, ["coordinator.example.org"])
+    pki = root / "demo" / "certs"  # written by write_demo_federation: CA, server cert, site keys
     privacy = {"enabled": True, "clipping_norm": 5.0, "noise_multiplier": 0.1, "delta": 1e-5}
     srv = yaml.safe_load(paths["server"].read_text())
-    srv["tls"] = {"ca_cert": str(pki / "ca.pem"), "cert": str(pki / "server.pem"), "key": str(pki / "server.key")}
-    srv["auth"] = {"enabled": True, "site_public_keys": str(pki / "site_keys")}
+    assert srv["auth"] == {"enabled": True, "site_public_keys": "certs/site_keys"} and "tls" in srv
     srv["privacy"] = privacy
     paths["server"].write_text(yaml.safe_dump(srv))
     sites = [s for s in paths if s != "server"]
     for s in sites:
-        b = issue_site(s, pki=pki)
         y = yaml.safe_load(paths[s].read_text())
-        y["tls"] = {"ca_cert": str(b.ca_cert)}
-        y["auth"] = {"private_key": str(b.private_key)}
+        assert y["auth"]["private_key"] == f"../certs/sites/{s}/{s}.key"
         y["privacy"] = privacy
         paths[s].write_text(yaml.safe_dump(y))
     procs = []
@@ -149,7 +147,7 @@ def test_tampered_server_certificate_is_refused_clearly(fed, tmp_path):
     # its signature no longer verifies, as after tampering in transit or on disk
     der = bytearray(x509.load_pem_x509_certificate((pki / "server.pem").read_bytes())
                     .public_bytes(serialization.Encoding.DER))
-    der[der.find(b"coordinator.example.org")] ^= 0x01
+    der[der.find(b"localhost")] ^= 0x01  # the demo's certificate is for localhost
     bad = tmp_path / "server.pem"
     bad.write_bytes(x509.load_der_x509_certificate(bytes(der)).public_bytes(serialization.Encoding.PEM))
     srv = dict(fed["server_cfg"])
