@@ -6,5 +6,4 @@
 * :mod:`tdamil.security.preflight`  TLS / key checks with clear advice before Flower starts
 * :mod:`tdamil.security.dp`         site-level DP (Flower clipping mod + noise) and the RDP accountant
 * :mod:`tdamil.security.integrity`  checkpoint sha256 against the audit log before ``--resume``
-* :mod:`tdamil.security.dp_benchmark`  the measured cost of DP (``benchmarks/dp.md``)
 """

@@ -6,7 +6,7 @@ Runs the project's real DP code path in one process: FedAvg (Flower 1.42 Message
 evaluation with :func:`tdamil.train.engine.evaluate`. Every setting sees the same sites, model
 initialisation and number of rounds; only clipping and noise differ.
 
-    python -m tdamil.security.dp_benchmark --out benchmarks/results --seeds 3
+    python benchmarks/bench_dp.py --out benchmarks/results --seeds 3
 
 Writes ``dp_results.json`` (per setting, seed and round) and ``dp_auroc.png``; ``benchmarks/dp.md``
 reports the numbers.
