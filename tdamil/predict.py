@@ -12,7 +12,9 @@ site's manifest and cached features, runs the model (the federation's global che
 * ``metrics.json``: AUROC, balanced accuracy, F1, ... over these slides, with 95 % CIs (stratified
   bootstrap over patients, :mod:`tdamil.stats`; undefined values are null);
 * ``heatmaps/<slide_id>.png``: the model's per-patch scores (TDA-MIL's task relevance ``s_i``,
-  ABMIL's attention) painted over the slide thumbnail, where the slide file can be found.
+  ABMIL's attention) painted over the slide thumbnail, where the slide file can be found;
+* ``qupath/<slide_id>.geojson``: the same scores for QuPath (File > Import objects): tissue
+  contours and one tile per patch with measurements ``patch score`` and ``P(<class>)``.
 
 Everything stays on the site's machine.
 """
@@ -27,12 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import torch
 from torch import nn
 
 from tdamil.atomic import atomic_path
 from tdamil.config import ConfigError
 from tdamil.data.config import DataConfig
-from tdamil.checkpoint import CheckpointError, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -60,22 +62,34 @@ def load_trained_model(path: str | Path) -> TrainedModel:
     from tdamil.models import create_model, model_config_from_dict
 
     path = Path(path)
+    if not path.is_file():
+        raise PredictError(f"{path}: checkpoint not found. Point --checkpoint at a best.pt/last.pt of a run.")
     try:
-        ckpt = load_checkpoint(path)
-    except CheckpointError as exc:
-        raise PredictError(str(exc)) from None
-    model_cfg, in_dim, num_classes = ckpt.get("model_config"), ckpt.get("in_dim"), ckpt.get("num_classes")
-    if not model_cfg or in_dim is None or num_classes is None:
-        raise PredictError(
-            f"{path}: this training checkpoint does not record its model (model_config, in_dim, "
-            "num_classes); it predates tdamil-predict. Train again to get a self-describing checkpoint."
-        )
-    if ckpt["kind"] == "federated":
-        origin = f"federated round {ckpt.get('round', '?')}"
-    else:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - federation checkpoints also hold the server optimiser's state
+        from tdamil.federation.checkpoint import load_checkpoint
+
+        try:
+            ckpt = load_checkpoint(path)
+        except (ValueError, FileNotFoundError) as exc:
+            raise PredictError(str(exc)) from None
+    if not isinstance(ckpt, dict):
+        raise PredictError(f"{path}: not a tdamil-fl checkpoint.")
+    if "model_spec" in ckpt and "state_dict" in ckpt:
+        spec = json.loads(ckpt["model_spec"])
+        model_cfg, in_dim, num_classes = dict(spec["model"]), int(spec["in_dim"]), int(spec["num_classes"])
+        state, origin = ckpt["state_dict"], f"federated round {ckpt.get('round', '?')}"
+    elif "model_state" in ckpt:
+        model_cfg, in_dim, num_classes = ckpt.get("model_config"), ckpt.get("in_dim"), ckpt.get("num_classes")
+        if not model_cfg or in_dim is None or num_classes is None:
+            raise PredictError(
+                f"{path}: this training checkpoint does not record its model (model_config, in_dim, "
+                "num_classes); it predates tdamil-predict. Train again to get a self-describing checkpoint."
+            )
         epoch = ckpt.get("epoch")
-        origin = "training" + (f" epoch {epoch}" if epoch is not None else " checkpoint")
-    state = ckpt["model_state"]
+        state, origin = ckpt["model_state"], "training" + (f" epoch {epoch}" if epoch is not None else " checkpoint")
+    else:
+        raise PredictError(f"{path}: not a tdamil-fl checkpoint (no model weights inside).")
     try:
         model = create_model(model_config_from_dict(dict(model_cfg), source=str(path)), in_dim=int(in_dim),
                              num_classes=int(num_classes))
@@ -120,7 +134,7 @@ def predict_site(
         if unknown:
             raise PredictError(f"{data_cfg.manifest}: slides not in the manifest: {', '.join(unknown)}.")
         df = df[df["slide_id"].isin(slide_ids)]
-    dataset = FeatureBagDataset.from_manifest(df, data_cfg.features_dir)
+    dataset = FeatureBagDataset.from_manifest(df, data_cfg.features_dir, suffix=data_cfg.features_suffix)
     if dataset.in_dim != trained.in_dim:
         raise PredictError(
             f"{data_cfg.features_dir}: features have {dataset.in_dim} dims but the model expects {trained.in_dim}; "
@@ -145,6 +159,7 @@ def predict_site(
 def _write_heatmaps(result: Any, table: Any, classes: list, dataset: Any, data_cfg: DataConfig, folder: Path,
                     slide_extensions: Optional[Sequence[str]]) -> None:
     from tdamil.wsi.extract import ExtractionConfig, plan_jobs
+    from tdamil.wsi.geojson import geojson_for_slide
     from tdamil.wsi.heatmap import heatmap_for_slide
 
     if all(s is None for s in result.scores):
@@ -168,6 +183,14 @@ def _write_heatmaps(result: Any, table: Any, classes: list, dataset: Any, data_c
             logger.warning("%s: no heatmap (%s)", slide_id, exc)
             continue
         logger.info("%s: heatmap %s", slide_id, png)
+        probs = {f"P({c})": float(table.loc[i, f"prob_{c}"]) for c in classes}
+        try:  # QuPath objects: tissue contours and patches with their scores and the slide's prediction
+            gj = geojson_for_slide(folder.parent / "qupath" / f"{slide_id}.geojson", job.path, dataset.path(slide_id),
+                                   result.scores[i], slide_measurements=probs, mpp_override=job.mpp_override)
+        except Exception as exc:  # noqa: BLE001 - one unreadable slide must not stop the others
+            logger.warning("%s: no QuPath GeoJSON (%s)", slide_id, exc)
+            continue
+        logger.info("%s: QuPath objects %s", slide_id, gj)
 
 
 def _parser() -> argparse.ArgumentParser:

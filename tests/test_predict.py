@@ -78,6 +78,9 @@ def test_training_checkpoint_predicts_with_heatmaps(site, tmp_path: Path) -> Non
         png = out / "heatmaps" / f"{sid}.png"
         with Image.open(png) as im:
             assert im.size[0] > 300 and im.size[1] > 300
+        qupath = json.loads((out / "qupath" / f"{sid}.geojson").read_text())  # QuPath objects of the slide
+        tiles = [f for f in qupath["features"] if f["properties"]["objectType"] == "tile"]
+        assert tiles and {"patch score", "P(MSI)", "P(MSS)"} <= set(tiles[0]["properties"]["measurements"])
 
 
 def test_federated_checkpoint_loads_the_global_weights(site, tmp_path: Path) -> None:

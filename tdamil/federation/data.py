@@ -21,7 +21,7 @@ def _dataset(df: Any, data_cfg: Any, num_classes: int) -> Any:
     from tdamil.data.bags import FeatureBagDataset  # noqa: PLC0415
 
     return FeatureBagDataset(data_cfg.features_dir, df["slide_id"].tolist(), df["label_index"].tolist(),
-                             num_classes, patient_ids=df["patient_id"].tolist())
+                             num_classes, patient_ids=df["patient_id"].tolist(), suffix=data_cfg.features_suffix)
 
 
 def split_datasets(data_cfg: Any, *, cohorts: Optional[Sequence[str]] = None, val_fraction: float = 0.15,

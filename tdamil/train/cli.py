@@ -29,7 +29,6 @@ from typing import Any, Literal, Optional, Sequence
 import numpy as np
 import yaml
 
-from tdamil.checkpoint import CheckpointError
 from tdamil.config import ConfigError, load_config, to_dict
 from tdamil.data.bags import BagDataset, BagFileError, FeatureBagDataset, InMemoryBagDataset
 from tdamil.data.config import DataConfig
@@ -38,7 +37,7 @@ from tdamil.data.manifest import ManifestError, load_manifest
 from tdamil.data.splits import folds_from_column, patient_kfold, patient_split, split_from_column
 from tdamil.logs import setup_logging
 from tdamil.stats import CI_METRICS, Interval, bootstrap_ci, format_interval, interval_columns
-from tdamil.train.engine import TrainConfig, evaluate, fit, seed_everything
+from tdamil.train.engine import CheckpointError, TrainConfig, evaluate, fit, seed_everything
 from tdamil.train.metrics import METRIC_KEYS, metrics_for_json
 from tdamil.train.plots import plot_learning_curve
 
@@ -135,7 +134,7 @@ def _datasets(cfg: TrainRunConfig) -> list[_Fold]:
 
     assert cfg.data is not None
     df = load_manifest(cfg.data.manifest, cfg.data.classes)
-    full = FeatureBagDataset.from_manifest(df, cfg.data.features_dir)
+    full = FeatureBagDataset.from_manifest(df, cfg.data.features_dir, suffix=cfg.data.features_suffix)
     patients, labels = df["patient_id"].tolist(), df["label_index"].tolist()
     if cfg.split.k_folds >= 2:
         if "fold" in df.columns:

@@ -25,7 +25,7 @@ from tdamil.atomic import atomic_path
 
 from .tissue import TissueMask
 
-__all__ = ["tissue_features", "patch_features", "save_geojson"]
+__all__ = ["tissue_features", "patch_features", "save_geojson", "geojson_for_slide"]
 
 TISSUE_CLASS = {"name": "Tissue", "color": [0, 170, 0]}
 PATCH_CLASS = {"name": "Patch", "color": [30, 80, 230]}
@@ -101,3 +101,28 @@ def save_geojson(path: str | Path, features: list[dict[str, Any]]) -> Path:
     with atomic_path(path, suffix=".tmp.geojson") as tmp:
         tmp.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     return path
+
+
+def geojson_for_slide(path: str | Path, slide_path: str | Path, features_h5: str | Path, scores: Sequence[float], *,
+                      score_name: str = "patch score", slide_measurements: Optional[Mapping[str, float]] = None,
+                      mpp_override: Optional[float] = None) -> Path:
+    """QuPath GeoJSON of one slide: its tissue contours and its patches with ``scores`` (one per row
+    of ``features_h5``), both carrying ``slide_measurements`` (e.g. the predicted probabilities)."""
+    from tdamil.data.h5 import FeatureFileError, read_features
+
+    from .heatmap import patch_size_level0_of
+    from .reader import open_slide
+    from .tissue import segment_tissue
+
+    bag = read_features(features_h5)
+    if bag.coords is None:
+        raise FeatureFileError(f"{features_h5}: has no coordinates; QuPath objects need an h5 from tdamil-extract, "
+                               "TRIDENT or CLAM.")
+    with open_slide(slide_path, mpp_override=mpp_override) as slide:
+        ps0 = patch_size_level0_of(bag.attrs, bag.coords, slide.level_downsamples, source=features_h5)
+        dims = slide.dimensions
+        tissue = segment_tissue(slide)
+    features = tissue_features(tissue, dims, slide_measurements)
+    features += patch_features(bag.coords, ps0, dims, np.asarray(scores, dtype=np.float64), score_name,
+                               slide_measurements)
+    return save_geojson(path, features)

@@ -18,7 +18,7 @@ from tdamil.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["score_canvas", "save_heatmap", "heatmap_for_slide"]
+__all__ = ["score_canvas", "save_heatmap", "heatmap_for_slide", "patch_size_level0_of"]
 
 
 def score_canvas(
@@ -119,9 +119,9 @@ def heatmap_for_slide(
 ) -> Path:
     """Heatmap of ``scores`` (one per row of ``features_h5``) over the slide's thumbnail.
 
-    Reads the coordinates and ``patch_size_level0`` from the feature file and the thumbnail from
-    the slide (default size: about 1500 px on the long side); other keyword arguments go to
-    :func:`save_heatmap`.
+    Reads the coordinates from the feature file, the patch side with :func:`patch_size_level0_of`
+    and the thumbnail from the slide (default size: about 1500 px on the long side); other keyword
+    arguments go to :func:`save_heatmap`.
     """
     from tdamil.data.h5 import FeatureFileError, read_features
 
@@ -130,14 +130,59 @@ def heatmap_for_slide(
     bag = read_features(features_h5)
     if bag.coords is None:
         raise FeatureFileError(f"{features_h5}: has no coordinates; heatmaps need a file from tdamil-extract, TRIDENT or CLAM h5.")
-    ps0 = bag.attrs.get("patch_size_level0")
-    if ps0 is None:  # CLAM h5: patch_size at patch_level
-        ps0 = bag.attrs.get("patch_size")
-    if ps0 is None:
-        raise FeatureFileError(f"{features_h5}: no patch_size_level0/patch_size attribute; cannot size the patches.")
     with open_slide(slide_path, mpp_override=mpp_override) as slide:
+        ps0 = patch_size_level0_of(bag.attrs, bag.coords, slide.level_downsamples, source=features_h5)
         if thumbnail_downsample is None:
             thumbnail_downsample = max(1.0, max(slide.dimensions) / 1500.0)
         thumb, ds = slide.thumbnail(thumbnail_downsample)
     kwargs.setdefault("title", str(bag.attrs.get("name", Path(features_h5).stem)))
     return save_heatmap(path, thumb, bag.coords, scores, int(ps0), ds, **kwargs)
+
+
+def patch_size_level0_of(attrs: dict, coords: np.ndarray, level_downsamples: tuple[float, ...],
+                         source: str | os.PathLike = "feature file") -> int:
+    """The patch side in level-0 pixels of a feature file from tdamil, TRIDENT or CLAM.
+
+    ``patch_size_level0`` when recorded (tdamil, TRIDENT); else CLAM's ``patch_size`` at
+    ``patch_level`` times that level's downsample (CLAM's own ``downsample`` attribute, else the
+    slide's); else, for files without attributes, the most common spacing of neighbouring
+    coordinates (the grid step, which is the patch side when patches do not overlap).
+    """
+    from tdamil.data.h5 import FeatureFileError
+
+    if attrs.get("patch_size_level0") is not None:
+        return int(round(float(attrs["patch_size_level0"])))
+    if attrs.get("patch_size") is not None:
+        level = int(attrs.get("patch_level", 0) or 0)
+        recorded = attrs.get("downsample")
+        if isinstance(recorded, (list, tuple)) and recorded:
+            factor = float(recorded[0])
+        elif level < len(level_downsamples):
+            factor = float(level_downsamples[level])
+        else:
+            raise FeatureFileError(f"{source}: patch_level {level} but the slide has {len(level_downsamples)} levels; "
+                                   "is this the slide the features were extracted from?")
+        return int(round(float(attrs["patch_size"]) * factor))
+    step = _grid_step(np.asarray(coords).reshape(-1, 2))
+    if step is None:
+        raise FeatureFileError(f"{source}: no patch_size_level0/patch_size attribute and too few patches to measure "
+                               "the grid; add the attribute patch_size_level0 to the file's coords.")
+    logger.info("%s: no patch size recorded; using the coordinates' grid step %d px", source, step)
+    return step
+
+
+def _grid_step(xy: np.ndarray) -> Optional[int]:
+    """Most common gap between neighbouring patches in a row or a column, or None."""
+    gaps = []
+    for axis in (0, 1):
+        other = 1 - axis
+        order = np.lexsort((xy[:, axis], xy[:, other]))
+        a, b = xy[order, axis], xy[order, other]
+        same_line = b[1:] == b[:-1]
+        d = np.diff(a)[same_line]
+        gaps.append(d[d > 0])
+    diffs = np.concatenate(gaps)
+    if diffs.size == 0:
+        return None
+    values, counts = np.unique(diffs, return_counts=True)
+    return int(values[counts.argmax()])
