@@ -29,12 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import torch
 from torch import nn
 
 from tdamil.atomic import atomic_path
 from tdamil.config import ConfigError
 from tdamil.data.config import DataConfig
+from tdamil.checkpoint import CheckpointError, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -62,34 +62,22 @@ def load_trained_model(path: str | Path) -> TrainedModel:
     from tdamil.models import create_model, model_config_from_dict
 
     path = Path(path)
-    if not path.is_file():
-        raise PredictError(f"{path}: checkpoint not found. Point --checkpoint at a best.pt/last.pt of a run.")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - federation checkpoints also hold the server optimiser's state
-        from tdamil.federation.checkpoint import load_checkpoint
-
-        try:
-            ckpt = load_checkpoint(path)
-        except (ValueError, FileNotFoundError) as exc:
-            raise PredictError(str(exc)) from None
-    if not isinstance(ckpt, dict):
-        raise PredictError(f"{path}: not a tdamil-fl checkpoint.")
-    if "model_spec" in ckpt and "state_dict" in ckpt:
-        spec = json.loads(ckpt["model_spec"])
-        model_cfg, in_dim, num_classes = dict(spec["model"]), int(spec["in_dim"]), int(spec["num_classes"])
-        state, origin = ckpt["state_dict"], f"federated round {ckpt.get('round', '?')}"
-    elif "model_state" in ckpt:
-        model_cfg, in_dim, num_classes = ckpt.get("model_config"), ckpt.get("in_dim"), ckpt.get("num_classes")
-        if not model_cfg or in_dim is None or num_classes is None:
-            raise PredictError(
-                f"{path}: this training checkpoint does not record its model (model_config, in_dim, "
-                "num_classes); it predates tdamil-predict. Train again to get a self-describing checkpoint."
-            )
-        epoch = ckpt.get("epoch")
-        state, origin = ckpt["model_state"], "training" + (f" epoch {epoch}" if epoch is not None else " checkpoint")
+        ckpt = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise PredictError(str(exc)) from None
+    model_cfg, in_dim, num_classes = ckpt.get("model_config"), ckpt.get("in_dim"), ckpt.get("num_classes")
+    if not model_cfg or in_dim is None or num_classes is None:
+        raise PredictError(
+            f"{path}: this training checkpoint does not record its model (model_config, in_dim, "
+            "num_classes); it predates tdamil-predict. Train again to get a self-describing checkpoint."
+        )
+    if ckpt["kind"] == "federated":
+        origin = f"federated round {ckpt.get('round', '?')}"
     else:
-        raise PredictError(f"{path}: not a tdamil-fl checkpoint (no model weights inside).")
+        epoch = ckpt.get("epoch")
+        origin = "training" + (f" epoch {epoch}" if epoch is not None else " checkpoint")
+    state = ckpt["model_state"]
     try:
         model = create_model(model_config_from_dict(dict(model_cfg), source=str(path)), in_dim=int(in_dim),
                              num_classes=int(num_classes))

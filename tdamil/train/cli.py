@@ -29,6 +29,7 @@ from typing import Any, Literal, Optional, Sequence
 import numpy as np
 import yaml
 
+from tdamil.checkpoint import CheckpointError
 from tdamil.config import ConfigError, load_config, to_dict
 from tdamil.data.bags import BagDataset, BagFileError, FeatureBagDataset, InMemoryBagDataset
 from tdamil.data.config import DataConfig
@@ -37,7 +38,7 @@ from tdamil.data.manifest import ManifestError, load_manifest
 from tdamil.data.splits import folds_from_column, patient_kfold, patient_split, split_from_column
 from tdamil.logs import setup_logging
 from tdamil.stats import CI_METRICS, Interval, bootstrap_ci, format_interval, interval_columns
-from tdamil.train.engine import CheckpointError, TrainConfig, evaluate, fit, seed_everything
+from tdamil.train.engine import TrainConfig, evaluate, fit, seed_everything
 from tdamil.train.metrics import METRIC_KEYS, metrics_for_json
 from tdamil.train.plots import plot_learning_curve
 
