@@ -1,8 +1,11 @@
 """The hospital site's Flower ClientApp (Message API).
 
-``train``: load the global model, train ``local-epochs`` epochs on the site's training slides,
-evaluate on its validation slides, reply with the trained arrays + metrics. ``evaluate``: evaluate
-the global model on the validation slides. Replies carry only the model's arrays, a MetricRecord
+``train``: load the global model, evaluate it on the site's validation slides when the coordinator
+asks (``evaluate-global``: one message per round carries the previous round's site evaluation),
+train ``local-epochs`` epochs on the training slides, evaluate the trained model on the validation
+slides, reply with the trained arrays + metrics. ``evaluate``: evaluate the global model on the
+validation slides (the last round's model, or every round with ``evaluate_with_train: false``).
+Every reply carries the timeline stamps (``time-*``) of this run. Replies carry only the model's arrays, a MetricRecord
 with fixed keys (NaN where undefined) and the site's name; slides and features never leave the
 site.
 
@@ -14,16 +17,20 @@ site's data are re-opened from the feature cache on disk. The simulation builds 
 
 from __future__ import annotations
 
-import logging
+import time
+
+_IMPORT_START = time.time()  # the timeline's "app imports" segment starts here
+
+import logging  # noqa: E402 - after the stamp on purpose
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Message, RecordDict
-from flwr.clientapp import ClientApp
+from flwr.app import Context, Message, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
 
-from tdamil.federation.records import (
+from tdamil.federation.records import (  # noqa: E402
     ARRAYS,
     CONFIG,
     METRICS,
@@ -34,7 +41,16 @@ from tdamil.federation.records import (
     to_metric_record,
     train_metric_keys,
 )
-from tdamil.federation.task import ModelSpec, SiteData, build_model, load_arrays, local_evaluate, local_train, model_to_arrays
+from tdamil.federation.task import (  # noqa: E402
+    ModelSpec,
+    SiteData,
+    build_model,
+    load_arrays,
+    local_evaluate,
+    local_train,
+    model_to_arrays,
+)
+from tdamil.federation.timeline import process_start_time  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -73,40 +89,62 @@ def _spec(msg: Message, rt: SiteRuntime) -> ModelSpec:
     return spec
 
 
+def _start_stamps() -> dict[str, float]:
+    """The stamps known when a handler starts: process creation, app import, handler entry."""
+    return {"time-process-start": _PROCESS_START, "time-import-start": _IMPORT_START,
+            "time-imported": _IMPORTED, "time-handler-start": time.time()}
+
+
 def make_client_app(provider: SiteProvider) -> ClientApp:
     """A ClientApp whose site data come from ``provider(context)``."""
     app = ClientApp()
 
-    def _train(msg: Message, context: Context, rt: SiteRuntime) -> Message:
-        cfg = msg.content[CONFIG]
-        spec = _spec(msg, rt)
-        model = build_model(spec, seed=None)
+    def _model(msg: Message, rt: SiteRuntime, stamps: dict[str, float]) -> Any:
+        model = build_model(_spec(msg, rt), seed=None)
         load_arrays(model, msg.content[ARRAYS])
+        stamps["time-model-built"] = time.time()
+        return model
+
+    def _train(msg: Message, context: Context, rt: SiteRuntime, stamps: dict[str, float]) -> Message:
+        cfg = msg.content[CONFIG]
+        model = _model(msg, rt, stamps)
+        glob: dict[str, float] = {}
+        if bool(cfg.get("evaluate-global", False)):
+            glob = local_evaluate(model, rt.data.val)
+            stamps["time-global-evaluated"] = time.time()
         server_round = int(cfg.get("server-round", 1))
         logger.info("Site %s, round %d: training %d local epoch(s) on %d slides.", rt.name, server_round,
                     int(cfg["local-epochs"]), len(rt.data.train))
         stats = local_train(model, rt.data.train, rt.train_cfg, epochs=int(cfg["local-epochs"]), lr=float(cfg["lr"]),
                             weight_decay=float(cfg.get("weight-decay", 1e-2)),
                             prox_mu=float(cfg.get("proximal-mu", 0.0)), server_round=server_round)
+        stamps["time-trained"] = time.time()
         val = local_evaluate(model, rt.data.val)
-        values = {WEIGHT_KEY: len(rt.data.train), **stats, **{f"val-{k}": v for k, v in val.items()}}
-        content = RecordDict({ARRAYS: model_to_arrays(model), METRICS: to_metric_record(values, train_metric_keys()),
+        stamps["time-local-evaluated"] = time.time()
+        arrays = model_to_arrays(model)
+        stamps["time-reply-built"] = time.time()
+        values = {WEIGHT_KEY: len(rt.data.train), **stats, **{f"global-{k}": v for k, v in glob.items()},
+                  **{f"val-{k}": v for k, v in val.items()}, **stamps}
+        content = RecordDict({ARRAYS: arrays, METRICS: to_metric_record(values, train_metric_keys()),
                               SITE: site_record(rt.name)})
         return Message(content, reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        stamps = _start_stamps()
         rt = provider(context)
-        return _compose(lambda m, c: _train(m, c, rt), rt.train_mods)(msg, context)
+        stamps["time-data-opened"] = time.time()
+        return _compose(lambda m, c: _train(m, c, rt, stamps), rt.train_mods)(msg, context)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
+        stamps = _start_stamps()
         rt = provider(context)
-        spec = _spec(msg, rt)
-        model = build_model(spec, seed=None)
-        load_arrays(model, msg.content[ARRAYS])
+        stamps["time-data-opened"] = time.time()
+        model = _model(msg, rt, stamps)
         val = local_evaluate(model, rt.data.val)
-        values = {WEIGHT_KEY: len(rt.data.val) if rt.data.val is not None else 0, **val}
+        stamps["time-global-evaluated"] = stamps["time-reply-built"] = time.time()
+        values = {WEIGHT_KEY: len(rt.data.val) if rt.data.val is not None else 0, **val, **stamps}
         content = RecordDict({METRICS: to_metric_record(values, eval_metric_keys()), SITE: site_record(rt.name)})
         return Message(content, reply_to=msg)
 
@@ -151,3 +189,5 @@ class SiteConfigLoader:
 
 # The ClientApp a SuperNode loads (``tdamil.client.client_app:app`` in [tool.flwr.app.components]).
 app = make_client_app(SiteConfigLoader())
+_PROCESS_START = process_start_time()
+_IMPORTED = time.time()

@@ -26,6 +26,11 @@ class FederationConfig:
     strategy:          fedavg | fedprox (proximal term ``proximal_mu`` at the sites) | fedadam |
                        fedyogi (server optimiser with ``server_lr``, ``server_beta_1/2``, ``server_tau``).
     evaluate_sites:    also ask the sites to evaluate the global model on their validation split.
+    evaluate_with_train: (with evaluate_sites) one message per site per round: the site evaluates
+                       the incoming global model before it trains, and the coordinator records it as
+                       the site evaluation of the previous round's model; only the last round's
+                       model gets a separate evaluate message. false: a train and an evaluate
+                       message every round (the older, slower path, kept for comparison).
     seed:              seed of the initial global model.
     """
 
@@ -45,6 +50,7 @@ class FederationConfig:
     server_beta_2: float = 0.99
     server_tau: float = 1e-3
     evaluate_sites: bool = True
+    evaluate_with_train: bool = True
     seed: int = 0
 
     @property

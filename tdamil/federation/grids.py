@@ -3,6 +3,8 @@
 * :class:`PatientGrid` wraps any Grid so that waiting for sites never lasts forever: Flower 1.42's
   strategies poll ``get_node_ids()`` in an endless loop until enough sites are connected; after
   ``wait_timeout`` seconds without enough sites this wrapper raises :class:`SitesUnavailableError`.
+  It also pulls replies every ``poll_interval`` seconds (Flower's grid sleeps 3 s between pulls,
+  1.5 s lost per message on average) and stamps when each reply arrived (``received_at``).
 * :class:`InProcessGrid` runs a ClientApp for every simulated site inside this process (the fast
   simulation engine). It implements Flower's public ``Grid`` interface; message ids and the run id
   are set the way Flower's own in-memory grid sets them (``Metadata.__dict__``), which is why the
@@ -40,8 +42,10 @@ class PatientGrid(Grid):
     """Delegate to ``inner`` but stop waiting for sites after ``wait_timeout`` seconds."""
 
     def __init__(self, inner: Grid, min_nodes: int, wait_timeout: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, poll_interval: float = 0.1) -> None:
         self.inner = inner
+        self.poll_interval = float(poll_interval)
+        self.received_at: dict[str, float] = {}  # instruction message id -> reply arrival (time.time())
         self.min_nodes = int(min_nodes)
         self.wait_timeout = float(wait_timeout)
         self._clock = clock
@@ -88,7 +92,19 @@ class PatientGrid(Grid):
         return self.inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self.inner.send_and_receive(messages, timeout=timeout)
+        """Push, then pull every ``poll_interval`` s until every reply is in or ``timeout`` passed."""
+        pending = set(self.push_messages(messages))
+        deadline = time.monotonic() + (timeout if timeout is not None else 0.0)
+        replies: list[Message] = []
+        while pending:
+            for reply in self.pull_messages(pending):
+                self.received_at[reply.metadata.reply_to_message_id] = time.time()
+                pending.discard(reply.metadata.reply_to_message_id)
+                replies.append(reply)
+            if not pending or (timeout is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self.poll_interval)
+        return replies
 
 
 class InProcessGrid(Grid):

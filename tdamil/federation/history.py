@@ -1,9 +1,10 @@
 """Per-round, per-site metrics of a federated run: ``metrics.jsonl``, ``metrics.csv`` and plots.
 
 One row per (round, phase, site): phase ``train`` (what a site reports after local training),
-``evaluate`` (a site's validation metrics of the global model), ``heldout`` (server-side
-evaluation of the global model on a held-out cohort) and ``aggregate`` (the federation's
-weighted means, DP epsilon). Rows are appended as they happen, so a resumed run continues the
+``evaluate`` (a site's validation metrics of round ``round``'s global model, the model it received
+in round ``round + 1``: round 0 is the initial model), ``heldout`` (server-side evaluation of the
+global model after round ``round`` on a held-out cohort) and ``aggregate`` (site ``federation``:
+round seconds, DP epsilon; site ``site-evaluation``: the sites' weighted mean of ``evaluate``). Rows are appended as they happen, so a resumed run continues the
 same files.
 """
 
@@ -50,6 +51,15 @@ class MetricsHistory:
         if not self.jsonl.exists():
             return
         keep = [r for r in self.rows() if r["round"] <= server_round]
+        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
+
+    def drop_rows(self, server_round: int, phase: str) -> None:
+        """Forget round ``server_round``'s rows of ``phase`` (and the aggregate of that phase)."""
+        if not self.jsonl.exists():
+            return
+        agg_site = "site-evaluation" if phase == "evaluate" else None
+        keep = [r for r in self.rows() if not (r["round"] == server_round and (
+            r["phase"] == phase or (r["phase"] == "aggregate" and r["site"] == agg_site)))]
         self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
 
     def write_csv(self) -> Path:

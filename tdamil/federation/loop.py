@@ -1,12 +1,20 @@
 """The federated round loop (Flower 1.42 Message API), with resume.
 
 Flower's ``Strategy.start`` always starts at round 1 and has no resume; this loop calls the same
-strategy hooks (``configure_train`` / ``aggregate_train`` / ``configure_evaluate`` /
-``aggregate_evaluate``) with a round offset, so ``--resume`` continues from ``last.pt`` at the next
+strategy hooks (``configure_train`` / ``aggregate_train`` / ``configure_evaluate``) with a round
+offset, so ``--resume`` continues from ``last.pt`` at the next
 round. Per round it also: evaluates the global model on the server's held-out cohorts (round 0 =
 the initial model, skipped on resume), writes ``last.pt`` / ``round_XXXX.pt`` / ``best.pt``
 atomically, appends per-site metrics, and writes the audit log (who took part, payload sizes,
-metrics, checkpoints with sha256, failures).
+metrics, checkpoints with sha256, failures, and a ``round_timeline`` of where the round's seconds
+went, see :mod:`tdamil.federation.timeline`).
+
+Site evaluation (``evaluate_sites``) rides on the train message (``evaluate_with_train``): the
+replies of round r carry each site's validation metrics of the model it received, i.e. of round
+r-1's global model, recorded as round r-1 (``evaluate`` rows, ``site_evaluation`` audit lines);
+the last round's model gets one separate evaluate message. With ``checkpoint.source: sites``,
+``best.pt`` for round r-1 is therefore chosen during round r, before that round's aggregation (so
+the strategy state saved with it is still round r-1's).
 """
 
 from __future__ import annotations
@@ -20,15 +28,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from tdamil.federation.audit import AuditLog
 from tdamil.federation.checkpoint import CheckpointStore
 from tdamil.federation.config import CheckpointConfig, FederationConfig
 from tdamil.federation.grids import SitesUnavailableError
 from tdamil.federation.history import MetricsHistory, plot_learning_curves
-from tdamil.federation.records import payload_bytes, reply_metrics, reply_site
+from tdamil.federation.records import (
+    METRICS,
+    global_evaluation,
+    is_stamp,
+    nan_weighted_mean,
+    payload_bytes,
+    reply_metrics,
+    reply_site,
+)
 from tdamil.federation.strategies import restore_strategy_state, strategy_state
+from tdamil.federation.timeline import RoundClock, round_table
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +91,7 @@ class RoundLoop:
         source = self.ckpt_cfg.source or ("heldout" if evaluate_fn is not None else "sites")
         self.best_source = source
         self.node_sites: dict[int, str] = {}  # learned from replies, for naming failed sites
+        self.with_train = bool(fed.evaluate_sites and fed.evaluate_with_train)
 
     def _site_of(self, grid: Any, node_id: int) -> str | None:
         if node_id in self.node_sites:
@@ -89,6 +107,7 @@ class RoundLoop:
             "weight-decay": float(self.fed.weight_decay),
             "proximal-mu": float(self.fed.proximal_mu if self.fed.strategy == "fedprox" else 0.0),
             "model-spec": self.model_spec,
+            "evaluate-global": self.with_train,
         })
 
     def evaluate_config(self) -> ConfigRecord:
@@ -108,6 +127,9 @@ class RoundLoop:
             restore_strategy_state(self.strategy, ckpt.get("strategy_state"))
             start = int(ckpt["round"]) + 1
             self.history.drop_after(int(ckpt["round"]))
+            if self.with_train and int(ckpt["round"]) < self.fed.rounds:
+                # the next round's replies evaluate this model at the sites again
+                self.history.drop_rows(int(ckpt["round"]), "evaluate")
             self.audit.write("resumed", from_checkpoint=str(self.store.last_path), completed_round=ckpt["round"],
                              next_round=start)
             logger.info("Resuming after round %d from %s.", ckpt["round"], self.store.last_path)
@@ -124,31 +146,9 @@ class RoundLoop:
         if start > self.fed.rounds:
             logger.info("All %d rounds are already done (%s).", self.fed.rounds, self.store.last_path)
         for rnd in range(start, self.fed.rounds + 1):
-            t0 = time.perf_counter()
-            logger.info("[ROUND %d/%d]", rnd, self.fed.rounds)
-            new_arrays, ok = self._train_round(grid, rnd, arrays)
-            if ok and new_arrays is not None:
-                arrays = new_arrays
-            else:
+            arrays, ok = self._round(grid, rnd, arrays)
+            if not ok:
                 failed.append(rnd)
-            site_eval = self._evaluate_round(grid, rnd, arrays) if self.fed.evaluate_sites else {}
-            heldout = self._server_evaluate(rnd, arrays) if self.evaluate_fn is not None else {}
-            aggregate: dict[str, float] = {f"sites-{k}": v for k, v in site_eval.items()}
-            if self.epsilon_fn is not None:
-                aggregate["dp-epsilon"] = float(self.epsilon_fn(rnd))
-            aggregate["round-seconds"] = time.perf_counter() - t0
-            self.history.add(rnd, "aggregate", "federation", aggregate)
-            value = self._best_value(site_eval, heldout)
-            written = self.store.save(rnd, arrays, self.model_spec, metric_value=value,
-                                      strategy_state=strategy_state(self.strategy),
-                                      metrics={"sites": site_eval, "heldout": heldout, **aggregate})
-            for kind, path in written:
-                self.audit.checkpoint(rnd, path, kind)
-            self.store.prune(rnd)
-            self.audit.write("round_finished", round=rnd, ok=ok, seconds=aggregate["round-seconds"],
-                             best_metric=self.store.metric, metric_value=value,
-                             dp_epsilon=aggregate.get("dp-epsilon"))
-            self.history.write_csv()
         self.history.write_csv()
         if self.plot:
             try:
@@ -159,6 +159,47 @@ class RoundLoop:
                          best=self.store.best)
         return RunResult(arrays=arrays, first_round=start, last_round=self.fed.rounds, failed_rounds=failed,
                          out_dir=self.out_dir)
+
+    def _round(self, grid: Any, rnd: int, arrays: ArrayRecord) -> tuple[ArrayRecord, bool]:
+        """One round: train (+ the sites' evaluation of the previous model), site evaluation where a
+        separate message is due, held-out evaluation, checkpoints, timeline."""
+        clock = RoundClock()
+        logger.info("[ROUND %d/%d]", rnd, self.fed.rounds)
+        new_arrays, ok = self._train_round(grid, rnd, arrays, clock)
+        if ok and new_arrays is not None:
+            arrays = new_arrays
+        site_eval: dict[str, float] = {}
+        if self.fed.evaluate_sites and (not self.with_train or rnd == self.fed.rounds):
+            t = time.time()
+            site_eval = self._evaluate_round(grid, rnd, arrays)
+            clock.timed("site evaluate message", t)
+        t = time.time()
+        heldout = self._server_evaluate(rnd, arrays) if self.evaluate_fn is not None else {}
+        clock.timed("held-out evaluation", t)
+        aggregate: dict[str, float] = {}
+        if self.epsilon_fn is not None:
+            aggregate["dp-epsilon"] = float(self.epsilon_fn(rnd))
+        aggregate["round-seconds"] = time.time() - clock.started
+        self.history.add(rnd, "aggregate", "federation", aggregate)
+        value = self._best_value(site_eval, heldout)
+        t = time.time()
+        self._save(rnd, arrays, value, {"sites": site_eval, "heldout": heldout, **aggregate})
+        clock.timed("checkpoint", t)
+        self.history.write_csv()
+        table = round_table(clock, time.time())
+        self.audit.write("round_timeline", round=rnd, **table)
+        self.audit.write("round_finished", round=rnd, ok=ok, seconds=table["seconds"],
+                         best_metric=self.store.metric, metric_value=value,
+                         dp_epsilon=aggregate.get("dp-epsilon"))
+        return arrays, ok
+
+    def _save(self, rnd: int, arrays: ArrayRecord, value: float | None, metrics: dict[str, Any]) -> None:
+        """Checkpoint round ``rnd`` (``best.pt`` too when ``value`` improves) and audit the files."""
+        written = self.store.save(rnd, arrays, self.model_spec, metric_value=value,
+                                  strategy_state=strategy_state(self.strategy), metrics=metrics)
+        for kind, path in written:
+            self.audit.checkpoint(rnd, path, kind)
+        self.store.prune(rnd)
 
     def _verify_last(self) -> None:
         """Check ``last.pt`` against the sha256 the audit log recorded when it was written (torch
@@ -203,9 +244,11 @@ class RoundLoop:
         return sum(values) / len(values) if values else None
 
     def _collect(self, grid: Any, rnd: int, phase: str, messages: list[Message],
-                 replies: list[Message]) -> list[Message]:
-        """Audit every reply; return the valid ones. Missing replies are failures."""
+                 replies: list[Message], clock: RoundClock | None = None) -> list[Message]:
+        """Audit every reply; return the valid ones. Missing replies are failures. ``clock`` (train
+        phase) receives each site's arrival time and timeline stamps."""
         valid = []
+        arrived = getattr(grid, "received_at", {})
         answered = {r.metadata.reply_to_message_id for r in replies}
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -217,7 +260,12 @@ class RoundLoop:
             self.node_sites[node] = site
             metrics = reply_metrics(reply)
             self.audit.reply(rnd, phase, site, reply.metadata.src_node_id, payload_bytes(reply.content), metrics)
-            self.history.add(rnd, phase, site, metrics)
+            if phase == "train":  # evaluate rows are written by _site_evaluation
+                self.history.add(rnd, phase, site, {k: v for k, v in metrics.items()
+                                                    if not is_stamp(k) and not k.startswith("global-")})
+            if clock is not None:
+                clock.received[site] = arrived.get(reply.metadata.reply_to_message_id, time.time())
+                clock.stamps[site] = {k: v for k, v in metrics.items() if is_stamp(k)}
             valid.append(reply)
         for msg in messages:
             if msg.metadata.message_id and msg.metadata.message_id not in answered:
@@ -227,10 +275,40 @@ class RoundLoop:
                                    node_id=msg.metadata.dst_node_id)
         return valid
 
-    def _send(self, grid: Any, messages: list[Message]) -> list[Message]:
+    def _send(self, grid: Any, messages: list[Message], clock: RoundClock | None = None) -> list[Message]:
+        if clock is not None:
+            clock.sent = time.time()
         return list(grid.send_and_receive(messages, timeout=self.fed.round_timeout_s))
 
-    def _train_round(self, grid: Any, rnd: int, arrays: ArrayRecord) -> tuple[ArrayRecord | None, bool]:
+    def _site_evaluation(self, model_round: int, per_site: dict[str, dict[str, float]], via: str) -> dict[str, float]:
+        """Record the sites' validation metrics of round ``model_round``'s global model (per site
+        and their NaN-aware weighted mean); returns the mean as ``{metric: value}``."""
+        for site, metrics in per_site.items():
+            self.history.add(model_round, "evaluate", site, metrics)
+            self.audit.write("site_evaluation", round=model_round, site=site, via=via, metrics=metrics)
+        if not per_site:
+            return {}
+        records = [RecordDict({METRICS: MetricRecord(m)}) for m in per_site.values()]
+        mean = {k: float(v) for k, v in nan_weighted_mean(records, "num-examples").items()}
+        self.history.add(model_round, "aggregate", "site-evaluation", {f"sites-{k}": v for k, v in mean.items()})
+        return mean
+
+    def _evaluation_in_train(self, rnd: int, valid: list[Message], received: ArrayRecord) -> None:
+        """Round ``rnd``'s replies evaluated the model they received (round ``rnd - 1``'s): record it
+        and, when the sites choose ``best.pt``, checkpoint that model now if it is the best so far."""
+        per_site = {}
+        for reply in valid:
+            evaluation = global_evaluation(reply_metrics(reply))
+            if evaluation is not None:
+                per_site[reply_site(reply)] = evaluation
+        mean = self._site_evaluation(rnd - 1, per_site, via=f"train message of round {rnd}")
+        if self.best_source == "sites" and rnd > 1:
+            value = self._best_value(mean, {})
+            if self.store.is_better(value):
+                self._save(rnd - 1, received, value, {"sites": mean})
+
+    def _train_round(self, grid: Any, rnd: int, arrays: ArrayRecord,
+                     clock: RoundClock) -> tuple[ArrayRecord | None, bool]:
         try:
             messages = list(self.strategy.configure_train(rnd, arrays, self.train_config(), grid))
         except SitesUnavailableError as exc:
@@ -238,8 +316,11 @@ class RoundLoop:
             raise
         self.audit.round_started(rnd, sites=[m.metadata.dst_node_id for m in messages],
                                  global_model_bytes=arrays.count_bytes())
-        replies = self._send(grid, messages)
-        valid = self._collect(grid, rnd, "train", messages, replies)
+        replies = self._send(grid, messages, clock)
+        valid = self._collect(grid, rnd, "train", messages, replies, clock)
+        if self.with_train:
+            self._evaluation_in_train(rnd, valid, arrays)
+        t_aggregate = time.time()
         if len(valid) < self.fed.required_replies:
             self.audit.failure(rnd, "train", f"only {len(valid)} site(s) replied, federation.min_replies="
                                f"{self.fed.required_replies}: the global model is kept unchanged this round")
@@ -253,10 +334,12 @@ class RoundLoop:
             self.audit.failure(rnd, "aggregate", "aggregation returned no model")
             return None, False
         if agg is not None:
-            self.history.add(rnd, "train-aggregate", "federation", dict(agg))
+            self.history.add(rnd, "train-aggregate", "federation",
+                             {k: v for k, v in dict(agg).items() if not is_stamp(k) and not k.startswith("global-")})
         self.audit.write("aggregated", round=rnd, sites=[reply_site(r) for r in valid],
                          weighting=getattr(self.strategy, "weighting", "num-examples"),
                          weights=self._weights_used(valid), global_model_bytes=new_arrays.count_bytes())
+        clock.timed("aggregate", t_aggregate)
         return new_arrays, True
 
     def _weights_used(self, valid: list[Message]) -> dict[str, float | None]:
@@ -277,14 +360,8 @@ class RoundLoop:
             return {}
         replies = self._send(grid, messages)
         valid = self._collect(grid, rnd, "evaluate", messages, replies)
-        if not valid:
-            return {}
-        try:
-            agg = self.strategy.aggregate_evaluate(rnd, valid)
-        except Exception as exc:  # noqa: BLE001
-            self.audit.failure(rnd, "evaluate", f"{type(exc).__name__}: {exc}")
-            return {}
-        return {k: float(v) for k, v in (agg or {}).items() if not isinstance(v, list)}
+        per_site = {reply_site(r): {k: v for k, v in reply_metrics(r).items() if not is_stamp(k)} for r in valid}
+        return self._site_evaluation(rnd, per_site, via="evaluate message")
 
     def _server_evaluate(self, rnd: int, arrays: ArrayRecord) -> dict[str, dict[str, float]]:
         assert self.evaluate_fn is not None

@@ -11,11 +11,20 @@ Reply (site -> server), one ``RecordDict``:
   evaluate: ``"metrics"`` only;
   both carry ``"site"``: a ConfigRecord with the site's name (for per-site logs). Nothing else.
 
+One message per site per round: with ``evaluate-global`` true in the train config the site first
+evaluates the INCOMING global model (the previous round's result) on its validation split, then
+trains; the coordinator records those ``global-<k>`` metrics as the site evaluation of round r-1's
+global model. A separate evaluate message is sent only for the last round's model (or when
+``federation.evaluate_with_train`` is false).
+
 Train metrics always carry the same keys: ``num-examples`` (training slides, the FedAvg weight),
-``train-loss``, ``train-seconds`` and ``val-<k>`` for every key of ``METRIC_KEYS``; evaluate
-metrics carry ``num-examples`` (validation slides) and every ``METRIC_KEYS`` key. An undefined
-value (one-class split) is NaN, never a missing key, because Flower ends the run when sites
-report different keys.
+``train-loss``, ``train-seconds``, ``global-<k>`` (the incoming global model on the validation
+split; NaN when not asked), ``val-<k>`` (the locally trained model on the validation split) for
+every key of ``METRIC_KEYS``, and the timeline stamps ``time-*``
+(:data:`~tdamil.federation.timeline.SITE_STAMPS`, wall-clock seconds, NaN where a step did not
+happen). Evaluate metrics carry ``num-examples`` (validation slides), every ``METRIC_KEYS`` key and
+the same stamps. An undefined value (one-class split) is NaN, never a missing key, because Flower
+ends the run when sites report different keys.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ import math
 from typing import Any, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from tdamil.federation.timeline import SITE_STAMPS
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -45,12 +56,32 @@ def metric_keys() -> tuple[str, ...]:
         return DEFAULT_METRIC_KEYS
 
 
+GLOBAL_PREFIX = "global-"  # train replies: the incoming global model on the validation split
+
+
 def train_metric_keys() -> tuple[str, ...]:
-    return (WEIGHT_KEY, "train-loss", "train-seconds") + tuple(f"val-{k}" for k in metric_keys())
+    keys = metric_keys()
+    return ((WEIGHT_KEY, "train-loss", "train-seconds") + tuple(f"{GLOBAL_PREFIX}{k}" for k in keys)
+            + tuple(f"val-{k}" for k in keys) + SITE_STAMPS)
 
 
 def eval_metric_keys() -> tuple[str, ...]:
-    return (WEIGHT_KEY,) + metric_keys()
+    return (WEIGHT_KEY,) + metric_keys() + SITE_STAMPS
+
+
+def is_stamp(key: str) -> bool:
+    """A timeline stamp, not a metric (never averaged across sites)."""
+    return key in SITE_STAMPS
+
+
+def global_evaluation(metrics: dict[str, float]) -> dict[str, float] | None:
+    """The incoming global model's validation metrics a train reply carries, in evaluate-reply
+    form (``num-examples`` = validation slides), or None when the site was not asked for them."""
+    values = {k[len(GLOBAL_PREFIX):]: v for k, v in metrics.items() if k.startswith(GLOBAL_PREFIX)}
+    n = values.get("n")
+    if n is None or not math.isfinite(float(n)):
+        return None
+    return {WEIGHT_KEY: int(n), **values}
 
 
 def to_metric_record(values: dict[str, Any], keys: Iterable[str]) -> MetricRecord:
