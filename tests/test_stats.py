@@ -167,3 +167,10 @@ def test_datasets_carry_patient_ids_through_subsets():
     assert InMemoryBagDataset([np.zeros((2, 3))], [1]).patient_ids == ["bag_0000"]
     with pytest.raises(ValueError, match="patient ids"):
         InMemoryBagDataset([np.zeros((2, 3))], [1], patient_ids=["a", "b"])
+
+
+def test_holm_adjustment_by_hand():
+    # sorted 0.01, 0.02, 0.04 -> 3 * 0.01 = 0.03, 2 * 0.02 = 0.04, 1 * 0.04 = 0.04 (monotone)
+    from tdamil.stats import holm
+
+    assert holm([0.04, 0.01, float("nan"), 0.02]) == pytest.approx([0.04, 0.03, float("nan"), 0.04], nan_ok=True)

@@ -7,6 +7,7 @@ difference into the plain sentence a report needs, including "cannot be told apa
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -14,7 +15,7 @@ import numpy as np
 from tdamil.stats.bootstrap import Difference, paired_bootstrap
 from tdamil.stats.delong import delong_test
 
-__all__ = ["compare_predictions", "verdict"]
+__all__ = ["compare_predictions", "short_verdict", "verdict", "holm"]
 
 
 def _one_slide_per_patient(n: int, patients: Optional[Sequence]) -> bool:
@@ -37,16 +38,34 @@ def compare_predictions(labels: Sequence[int], probs_a: np.ndarray, probs_b: np.
     return out
 
 
+def short_verdict(name_a: str, name_b: str, diff: Difference, *, level: float = 0.95) -> str:
+    """``cannot be told apart``, ``<name> better`` or ``n/a`` (metric undefined)."""
+    if not math.isfinite(diff.estimate) or not math.isfinite(diff.p_value):
+        return "n/a"
+    if diff.p_value >= 1.0 - level:
+        return "cannot be told apart"
+    return f"{name_a if diff.estimate > 0 else name_b} better"
+
+
 def verdict(name_a: str, name_b: str, diff: Difference, *, level: float = 0.95, metric: str = "AUROC") -> str:
     """One sentence: which model is better, or that the two cannot be told apart at this sample size."""
-    import math  # noqa: PLC0415
-
-    if not math.isfinite(diff.estimate) or not math.isfinite(diff.p_value):
+    short = short_verdict(name_a, name_b, diff, level=level)
+    if short == "n/a":
         return f"{metric}: {name_a} vs {name_b} not comparable here (metric undefined)."
-    alpha = 1.0 - level
     text = (f"{metric} {name_a} - {name_b} = {diff.estimate:+.3f} ({level:.0%} CI {diff.low:+.3f} to "
             f"{diff.high:+.3f}, p = {diff.p_value:.3g}, {diff.method})")
-    if diff.p_value >= alpha:
-        return f"{text}: cannot be told apart."
-    better = name_a if diff.estimate > 0 else name_b
-    return f"{text}: {better} is better."
+    return f"{text}: {short.replace(' better', ' is better')}."
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment (family-wise error rate) of ``p_values``; NaN stays NaN."""
+    p = np.asarray(p_values, dtype=np.float64)
+    finite = np.flatnonzero(np.isfinite(p))
+    out = np.full(len(p), np.nan)
+    order = finite[np.argsort(p[finite], kind="mergesort")]
+    m = len(order)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))  # monotone: never below an earlier one
+        out[i] = running
+    return out.tolist()
