@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 from tdamil.federation.processes import split_host_port
-from tdamil.security.certs import CertsError, _load_cert, _is_ca, check_certificate, check_site_key
+from tdamil.security.certcheck import CertsError, check_certificate, check_site_key, is_ca, load_cert
 from tdamil.security.config import ServerAuthConfig, SiteAuthConfig, TLSConfig
 
 logger = logging.getLogger(__name__)
@@ -133,10 +133,10 @@ def check_site_security(
     readable CA; ``auth.private_key`` (if any) is a usable, private OpenSSH key."""
     if require_tls(tls, insecure, role="site", source=source):
         try:
-            ca = _load_cert(Path(tls.ca_cert))
+            ca = load_cert(Path(tls.ca_cert))
         except CertsError as exc:
             raise SecurityCheckError(f"{source}: tls.ca_cert: {exc}") from None
-        if not _is_ca(ca):
+        if not is_ca(ca):
             raise SecurityCheckError(f"{source}: tls.ca_cert = {tls.ca_cert} is not a CA certificate; use the consortium ca.pem.")
     if auth.private_key is not None:
         if not Path(auth.private_key).is_file():
