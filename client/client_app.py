@@ -172,7 +172,7 @@ class SiteConfigLoader:
         from tdamil.client.config import load_site_config  # noqa: PLC0415
         from tdamil.federation.data import split_datasets  # noqa: PLC0415
 
-        cfg, _ = load_site_config(path)
+        cfg, _ = load_site_config(path, extraction=False)
         if site and site != cfg.site:
             raise ValueError(f"{path}: the file is for site '{cfg.site}' but the SuperNode runs as '{site}'.")
         fed = cfg.federation

@@ -23,7 +23,6 @@ from tdamil.data.config import DataConfig
 from tdamil.federation.processes import split_host_port
 from tdamil.security.config import PrivacyConfig, SiteAuthConfig, TLSConfig, check_site_name
 from tdamil.train.engine import TrainConfig
-from tdamil.wsi import ExtractionConfig
 
 __all__ = ["SiteConfig", "SiteFederationConfig", "load_site_config", "site_config_path"]
 
@@ -82,19 +81,24 @@ def site_config_path(site: str, configs_dir: str | Path = "configs/sites") -> Pa
     return Path(configs_dir) / f"{site}.yaml"
 
 
-def load_site_config(path: str | Path, *, check_files: bool = True) -> tuple[SiteConfig, Any]:
+def load_site_config(path: str | Path, *, check_files: bool = True,
+                     extraction: bool = True) -> tuple[SiteConfig, Any]:
     """Load and validate a site YAML; returns ``(SiteConfig, ExtractionConfig | None)``.
 
     With ``check_files`` the manifest must exist. The TLS CA and the site key are the site's
-    precondition check (:func:`tdamil.security.preflight.check_site_security`).
+    precondition check (:func:`tdamil.security.preflight.check_site_security`). ``extraction=False``
+    (the ClientApp, which only reads cached features) leaves the ``extraction`` section unparsed, so
+    the extraction stack (encoders, OpenCV tissue masks) is not imported in every round's process.
     """
     path = Path(path)
     cfg = load_config(path, SiteConfig)
-    extraction = None
-    if cfg.extraction is not None:
-        extraction = from_dict(ExtractionConfig, cfg.extraction, source=f"{path}: extraction",
-                               base_dir=path.resolve().parent)
+    parsed = None
+    if extraction and cfg.extraction is not None:
+        from tdamil.wsi import ExtractionConfig  # noqa: PLC0415 - heavy; only where extraction runs
+
+        parsed = from_dict(ExtractionConfig, cfg.extraction, source=f"{path}: extraction",
+                           base_dir=path.resolve().parent)
     if check_files and not Path(cfg.data.manifest).is_file():
         raise ConfigError(f"{path}: 'data.manifest' file {cfg.data.manifest} not found. Fix the path "
                           "(relative paths are relative to the YAML file).")
-    return cfg, extraction
+    return cfg, parsed
