@@ -168,6 +168,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except SuperNodeRejected:
         print(f"error: {_rejected_message(cfg)}", file=sys.stderr)
         return 3
+    except OSError as exc:  # flower-supernode missing or not executable
+        print(f"error: cannot start flower-supernode ({_one_line(exc)}); reinstall tdamil-fl in this environment.",
+              file=sys.stderr)
+        return 2
 
 
 def _rejected_message(cfg: Any) -> str:

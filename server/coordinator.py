@@ -252,7 +252,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     from tdamil.logs import setup_logging  # noqa: PLC0415
 
     setup_logging(args.verbose)
-    from tdamil.security.nodeauth import NodeAuthError  # noqa: PLC0415
     from tdamil.security.preflight import SecurityCheckError  # noqa: PLC0415
 
     try:
@@ -270,7 +269,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         logger.warning("Interrupted: everything is stopped. Continue later with --resume.")
         return 130
-    except (ConfigError, SecurityCheckError, NodeAuthError) as exc:  # everything is stopped by run()
+    except (ConfigError, ValueError, RuntimeError, OSError) as exc:  # everything is stopped by run()
+        # ConfigError, SecurityCheckError, NodeAuthError, a SuperLink that exited early (RuntimeError,
+        # TimeoutError): each message names the file or log and the fix
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
@@ -279,8 +280,7 @@ def _one_line(exc: BaseException | str) -> str:
     """A message on one line, without the ``<class 'ValueError'>:<'...'>`` wrapper Flower puts
     around errors raised in a ServerApp / ClientApp."""
     text = " ".join(str(exc).split())
-    wrapped = re.fullmatch(r"<class '[\w.]+'>:<['\"](.*)['\"]>", text)
-    return wrapped.group(1) if wrapped else text
+    return re.sub(r"<class '[\w.]+'>:<(['\"])(.*?)\1>", r"\2", text)
 
 
 if __name__ == "__main__":  # pragma: no cover
