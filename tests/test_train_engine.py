@@ -164,3 +164,34 @@ def test_mixed_precision_is_cuda_only_and_config_is_validated():
     with pytest.raises(ConfigError, match="monitor"):
         from_dict(TrainConfig, {"monitor": "auc"}, source="site.yaml")
     assert from_dict(TrainConfig, {"lr": "1e-5"}).lr == 1e-5
+
+
+@pytest.mark.parametrize("epochs,warmup,schedule", [(10, 0, "cosine"), (10, 3, "cosine"), (10, 3, "constant"),
+                                                    (6, 0, "constant"), (4, 6, "cosine"), (7, 1, "cosine")])
+def test_lr_schedule_is_linear_warmup_then_cosine_or_constant(epochs, warmup, schedule):
+    """torch's schedulers give the documented schedule, epoch by epoch (the lr in force during epoch e)."""
+    from tdamil.train.engine import make_lr_scheduler
+
+    def expected(e):
+        if e < warmup:
+            return (e + 1) / (warmup + 1)
+        if schedule == "cosine" and epochs > warmup:
+            return 0.5 * (1 + math.cos(math.pi * (e - warmup) / (epochs - warmup)))
+        return 1.0
+
+    cfg = _cfg(epochs=epochs, warmup_epochs=warmup, lr_schedule=schedule, lr=0.01)
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = make_lr_scheduler(opt, cfg)
+    assert (sched is None) == (warmup == 0 and schedule == "constant")
+    got = []
+    for _ in range(epochs):
+        got.append(opt.param_groups[0]["lr"])
+        if sched is not None:
+            opt.step()
+            sched.step()
+    assert got == pytest.approx([0.01 * expected(e) for e in range(epochs)], rel=1e-9, abs=1e-15)
+
+
+def test_fit_records_the_scheduled_lr(tmp_path):
+    res = fit(TinyAttnMIL(), _bags(n=4), None, _cfg(epochs=3, warmup_epochs=1, lr_schedule="cosine", lr=0.01))
+    assert [r["lr"] for r in res.history] == pytest.approx([0.005, 0.01, 0.005])

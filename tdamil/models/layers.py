@@ -7,7 +7,10 @@
   efficient kernels on CPU and GPU: memory linear in the number of patches); ``"explicit"`` is the
   textbook ``softmax(QK^T / sqrt(d_k)) V`` with an ``n x n`` matrix, kept as a reference for tests
   and the benchmark.
-* :class:`Mlp`: two linear layers with GELU.
+* ``Mlp``: timm's ``timm.layers.Mlp`` (``fc1 -> GELU -> dropout -> fc2 -> dropout``; the
+  parameter names ``fc1`` / ``fc2`` are the ones our checkpoints always had). With ``bias=False``
+  it maps 0 to 0 (GELU(0) = 0), which TDA-MIL's top-down decoder uses so that unselected patches
+  (``s_i = 0``) send no top-down signal.
 * :class:`Block`: pre-norm transformer block (LayerNorm -> attention -> residual -> LayerNorm ->
   MLP -> residual) whose ``forward`` takes an optional value input and key-padding mask.
 
@@ -22,9 +25,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Mlp
 from torch import nn
 
-__all__ = ["AttentionImpl", "Attention", "Mlp", "Block", "attention_mask"]
+__all__ = ["AttentionImpl", "Attention", "Block", "attention_mask"]
 
 AttentionImpl = Literal["sdpa", "explicit"]
 
@@ -104,33 +108,6 @@ class Attention(nn.Module):
             out = logits.softmax(dim=-1) @ v
         out = out.transpose(1, 2).reshape(b, n, d)
         return self.proj_drop(self.proj(out))
-
-
-class Mlp(nn.Module):
-    """``Linear -> GELU -> Dropout -> Linear -> Dropout``.
-
-    With ``bias=False`` the MLP maps 0 to 0 (GELU(0) = 0), which TDA-MIL's top-down decoder uses so
-    that unselected patches (``s_i = 0``) send no top-down signal.
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        hidden_features: int,
-        out_features: int | None = None,
-        drop: float = 0.0,
-        bias: bool = True,
-    ) -> None:
-        super().__init__()
-        out_features = out_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
-        self.act = nn.GELU()
-        self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_features, out_features, bias=bias)
-        self.drop2 = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
 class Block(nn.Module):

@@ -13,6 +13,7 @@ gradient is the MEAN over those bags. Mixed precision (bf16 autocast) is used on
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
 from tdamil.atomic import atomic_path
 from tdamil.checkpoint import save_checkpoint
@@ -41,6 +43,7 @@ __all__ = [
     "resolve_device",
     "seed_everything",
     "make_optimizer",
+    "make_lr_scheduler",
     "train_one_epoch",
     "evaluate",
     "fit",
@@ -204,15 +207,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def _autocast(device: torch.device, enabled: bool):
     use = enabled and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=True) if use else _nullcontext()
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=True) if use else contextlib.nullcontext()
 
 
 def _logits(out: Any) -> torch.Tensor:
@@ -375,13 +370,22 @@ def evaluate(model: nn.Module, dataset: BagDataset, device: str | torch.device |
 
 
 # --------------------------------------------------------------------------------------------
-def _lr_factor(cfg: TrainConfig, epoch: int) -> float:
-    if cfg.warmup_epochs > 0 and epoch < cfg.warmup_epochs:
-        return (epoch + 1) / (cfg.warmup_epochs + 1)
-    if cfg.lr_schedule == "cosine" and cfg.epochs > cfg.warmup_epochs:
-        t = (epoch - cfg.warmup_epochs) / max(1, cfg.epochs - cfg.warmup_epochs)
-        return 0.5 * (1.0 + math.cos(math.pi * t))
-    return 1.0
+def make_lr_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> Optional[LRScheduler]:
+    """The epoch-wise lr schedule of ``cfg`` (stepped once after each epoch), None when lr is constant.
+
+    Warm-up (``warmup_epochs`` = W > 0): lr * (e + 1) / (W + 1) in epoch e < W, reaching lr at
+    epoch W (``LinearLR``). ``cosine``: then lr * (1 + cos(pi * (e - W) / (epochs - W))) / 2, decaying
+    towards 0 at ``epochs`` (``CosineAnnealingLR``); ``constant``: lr from epoch W on.
+    """
+    w = cfg.warmup_epochs
+    parts: list[LRScheduler] = []
+    if w > 0:
+        parts.append(LinearLR(opt, start_factor=1 / (w + 1), end_factor=1.0, total_iters=w))
+    if cfg.lr_schedule == "cosine" and cfg.epochs > w:
+        parts.append(CosineAnnealingLR(opt, T_max=cfg.epochs - w))
+    if len(parts) == 2:
+        return SequentialLR(opt, parts, milestones=[w])
+    return parts[0] if parts else None
 
 
 def _improved(value: float, best: float, maximise: bool) -> bool:
@@ -425,7 +429,7 @@ def fit(
     device = resolve_device(cfg.device)
     model.to(device)
     opt = optimizer or make_optimizer(model, cfg)
-    base_lrs = [g["lr"] for g in opt.param_groups]
+    schedule = make_lr_scheduler(opt, cfg)
     maximise = higher_is_better(cfg.monitor)
     has_val = val_ds is not None and len(val_ds) > 0
     out = Path(out_dir) if out_dir is not None else None
@@ -443,11 +447,11 @@ def fit(
     bar = _progress(range(cfg.epochs), cfg.progress, desc="epochs", unit="epoch")
     for epoch in bar:
         t0 = time.perf_counter()
-        f = _lr_factor(cfg, epoch)
-        for g, lr in zip(opt.param_groups, base_lrs):
-            g["lr"] = lr * f
+        lr = opt.param_groups[0]["lr"]
         tr = train_one_epoch(model, train_ds, opt, cfg, epoch=epoch)
-        row: dict[str, float] = {"epoch": float(epoch + 1), "lr": base_lrs[0] * f, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"]}
+        if schedule is not None:
+            schedule.step()
+        row: dict[str, float] = {"epoch": float(epoch + 1), "lr": lr, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"]}
         if has_val:
             vm = evaluate(model, val_ds, mixed_precision=cfg.mixed_precision).metrics
             row.update({f"val_{k}": v for k, v in vm.items()})
