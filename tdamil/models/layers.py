@@ -7,10 +7,11 @@
   efficient kernels on CPU and GPU: memory linear in the number of patches); ``"explicit"`` is the
   textbook ``softmax(QK^T / sqrt(d_k)) V`` with an ``n x n`` matrix, kept as a reference for tests
   and the benchmark.
-* ``Mlp``: timm's ``timm.layers.Mlp`` (``fc1 -> GELU -> dropout -> fc2 -> dropout``; the
-  parameter names ``fc1`` / ``fc2`` are the ones our checkpoints always had). With ``bias=False``
-  it maps 0 to 0 (GELU(0) = 0), which TDA-MIL's top-down decoder uses so that unselected patches
-  (``s_i = 0``) send no top-down signal.
+* :class:`Mlp`: ``fc1 -> GELU -> dropout -> fc2 -> dropout`` with the submodule names and
+  arguments of timm's ``timm.layers.Mlp`` (so state dicts match it), written out here because
+  importing timm (and torchvision behind it) would cost every federated round's fresh ClientApp
+  process seconds (issue #10). With ``bias=False`` it maps 0 to 0 (GELU(0) = 0), which TDA-MIL's
+  top-down decoder uses so that unselected patches (``s_i = 0``) send no top-down signal.
 * :class:`Block`: pre-norm transformer block (LayerNorm -> attention -> residual -> LayerNorm ->
   MLP -> residual) whose ``forward`` takes an optional value input and key-padding mask.
 
@@ -25,10 +26,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp
 from torch import nn
 
-__all__ = ["AttentionImpl", "Attention", "Block", "attention_mask"]
+__all__ = ["AttentionImpl", "Attention", "Mlp", "Block", "attention_mask"]
 
 AttentionImpl = Literal["sdpa", "explicit"]
 
@@ -108,6 +108,24 @@ class Attention(nn.Module):
             out = logits.softmax(dim=-1) @ v
         out = out.transpose(1, 2).reshape(b, n, d)
         return self.proj_drop(self.proj(out))
+
+
+class Mlp(nn.Module):
+    """``Linear -> GELU -> Dropout -> Linear -> Dropout`` (timm's ``Mlp`` names and arguments)."""
+
+    def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
+                 drop: float = 0.0, bias: bool = True) -> None:
+        super().__init__()
+        hidden_features = hidden_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.norm = nn.Identity()
+        self.fc2 = nn.Linear(hidden_features, out_features or in_features, bias=bias)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
 
 
 class Block(nn.Module):

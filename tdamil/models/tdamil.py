@@ -31,10 +31,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp
 from torch import nn
 
-from tdamil.models.layers import Attention, AttentionImpl, Block
+from tdamil.models.layers import Attention, AttentionImpl, Block, Mlp
 from tdamil.models.output import MILOutput
 
 __all__ = ["TransformerMILConfig", "TDAMILConfig", "TransformerMIL", "TDAMIL", "TDAMILTrace", "check_bag_input"]
