@@ -11,14 +11,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from tdamil.security.config import PrivacyConfig
-from tdamil.security.dp import (
-    DEFAULT_ORDERS,
-    PrivacyAccountant,
-    dp_client_mods,
-    dp_server_strategy,
-    rdp_sampled_gaussian,
-    rdp_to_epsilon,
-)
+from tdamil.security.dp import PrivacyAccountant, dp_client_mods, dp_server_strategy
 
 
 def _cfg(**kw) -> PrivacyConfig:
@@ -26,7 +19,7 @@ def _cfg(**kw) -> PrivacyConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# accountant
+# accountant: Flower's RdpAccountant (dp-accounting) checked against closed forms and quadrature
 def _exact_gaussian_epsilon(mu: float, delta: float) -> float:
     """Exact epsilon of a Gaussian mechanism with sensitivity/sigma = mu (Balle & Wang 2018)."""
     phi = lambda x: 0.5 * math.erfc(-x / math.sqrt(2))  # noqa: E731
@@ -38,45 +31,80 @@ def _exact_gaussian_epsilon(mu: float, delta: float) -> float:
     return hi
 
 
+def _improved_conversion(rdp, orders, delta: float) -> float:
+    """RDP curve -> epsilon (Canonne, Kamath, Steinke 2020, Prop. 12), the reference for the checks."""
+    return max(0.0, min(r + math.log1p(-1 / a) - (math.log(delta) + math.log(a)) / (a - 1) for r, a in zip(rdp, orders)))
+
+
+def _flower_poisson_epsilon(q_num: int, n: int, sigma: float, steps: int, delta: float, orders=None) -> float:
+    from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, RdpAccountant, SamplingMethod
+    from flwr.serverapp import PrivacyConfig as FlowerPrivacyConfig
+
+    acc = RdpAccountant(FlowerPrivacyConfig(delta, n, NeighboringRelation.ADD_OR_REMOVE_ONE, SamplingMethod.POISSON),
+                        orders=orders)
+    acc.compose(GaussianPrivacyEvent(sigma, q_num, n), count=steps)
+    return acc.get_epsilon(delta)
+
+
 @pytest.mark.parametrize("sigma,rounds", [(1.0, 10), (0.8, 50), (2.0, 100), (5.0, 3)])
 def test_full_participation_matches_closed_forms(sigma, rounds):
     delta = 1e-5
-    acc = PrivacyAccountant(_cfg(noise_multiplier=sigma, delta=delta), 1.0)
-    eps = acc.epsilon(rounds)
+    eps = PrivacyAccountant(_cfg(noise_multiplier=sigma, delta=delta), 1.0, num_sites=3).epsilon(rounds)
     # T compositions of the Gaussian mechanism = one Gaussian with mu = sqrt(T)/sigma: exact value
     exact = _exact_gaussian_epsilon(math.sqrt(rounds) / sigma, delta)
-    # classic RDP conversion optimised over a continuous order has a closed form
+    # classic RDP conversion optimised over a continuous order has a closed form (an upper bound)
     classic_closed = rounds / (2 * sigma**2) + math.sqrt(2 * rounds * math.log(1 / delta)) / sigma
-    orders = np.linspace(1.01, 400, 40000)
-    classic_num, _ = rdp_to_epsilon([rounds * a / (2 * sigma**2) for a in orders], orders, delta, "classic")
-    assert classic_num == pytest.approx(classic_closed, rel=1e-3)
     assert exact <= eps <= classic_closed
     assert eps <= 1.3 * exact  # RDP is a tight upper bound for the Gaussian mechanism
+    # the Gaussian's RDP is T * a / (2 sigma^2) at every order a: the library's epsilon is its conversion
+    orders = [1 + x / 10 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512]
+    reference = _improved_conversion([rounds * a / (2 * sigma**2) for a in orders], orders, delta)
+    assert eps == pytest.approx(reference, rel=1e-6)
 
 
 def test_sampled_gaussian_rdp_matches_numerical_integration():
-    """RDP of the sampled Gaussian = Renyi divergence of the mixture, computed by quadrature."""
-    sigma, q = 1.3, 0.1
+    """The library's sampled Gaussian = Renyi divergence of the mixture, computed by quadrature."""
+    sigma, n, k, rounds, delta = 1.3, 100, 10, 20, 1e-5
     x = np.linspace(-40, 41, 400001)
     p0 = np.exp(-x**2 / (2 * sigma**2))
     p1 = np.exp(-(x - 1) ** 2 / (2 * sigma**2))
-    mix = (1 - q) * p0 + q * p1
-    for order in (2, 3, 8, 16):
+    mix = (1 - k / n) * p0 + k / n * p1
+    orders = (2, 3, 8, 16)
+    rdp = []
+    for order in orders:
         integrand = p0 * (mix / p0) ** order / math.sqrt(2 * math.pi * sigma**2)
-        numeric = math.log(np.trapezoid(integrand, x)) / (order - 1)
-        assert rdp_sampled_gaussian(q, sigma, order) == pytest.approx(numeric, rel=1e-6)
+        rdp.append(rounds * math.log(np.trapezoid(integrand, x)) / (order - 1))
+    library = _flower_poisson_epsilon(k, n, sigma, rounds, delta, orders=orders)
+    assert library == pytest.approx(_improved_conversion(rdp, orders, delta), rel=1e-5)
 
 
 def test_published_dpsgd_values_tf_privacy_mnist():
-    """TF Privacy's MNIST DP-SGD tutorial (N=60000, batch 256, delta=1e-5, classic conversion):
-    noise 1.1 for 60 epochs -> eps 3.01; noise 0.7 for 45 epochs -> eps 7.10."""
-    q = 256 / 60000
+    """TF Privacy's MNIST DP-SGD tutorial (N=60000, batch 256, delta=1e-5, classic conversion over its
+    orders): noise 1.1 for 60 epochs -> eps 3.01; noise 0.7 for 45 epochs -> eps 7.10. The library's
+    RDP at each order (read back through its improved conversion) reproduces both."""
+    delta, orders = 1e-5, [1 + x / 10 for x in range(1, 100)] + list(range(12, 64))
     for sigma, epochs, published in ((1.1, 60, 3.01), (0.7, 45, 7.10)):
         steps = int(epochs * 60000 / 256)
-        acc = PrivacyAccountant(_cfg(noise_multiplier=sigma, delta=1e-5), q)
-        classic, _ = rdp_to_epsilon(acc.rdp(steps), acc.orders, 1e-5, "classic")
-        assert classic == pytest.approx(published, rel=0.02)
-        assert acc.epsilon(steps) < classic  # the improved conversion is tighter
+        classic = []
+        for a in orders[9::3]:
+            eps_a = _flower_poisson_epsilon(256, 60000, sigma, steps, delta, orders=(a,))
+            rdp_a = eps_a - math.log1p(-1 / a) + (math.log(delta) + math.log(a)) / (a - 1)
+            classic.append(rdp_a + math.log(1 / delta) / (a - 1))
+        assert min(classic) == pytest.approx(published, rel=0.02)
+        assert _flower_poisson_epsilon(256, 60000, sigma, steps, delta) < published  # improved conversion
+
+
+def test_sampling_without_replacement_follows_flowers_rule():
+    cfg = _cfg(noise_multiplier=1.0)
+    # min_train_nodes = num_sites (server_app passes min_sites): every site every round, no amplification
+    assert PrivacyAccountant(cfg, 0.5, num_sites=4, min_sample=4).sample_size == 4
+    assert PrivacyAccountant(cfg, 0.5, num_sites=4, min_sample=4).epsilon(10) == PrivacyAccountant(cfg).epsilon(10)
+    few = PrivacyAccountant(cfg, 0.1, num_sites=100, min_sample=2)
+    assert few.sample_size == 10  # int(100 * 0.1), as FedAvg.configure_train
+    assert few.epsilon(10) < PrivacyAccountant(cfg, 1.0, num_sites=100).epsilon(10)
+    assert PrivacyAccountant(cfg, 0.05, num_sites=100, min_sample=10).sample_size == 10
+    with pytest.raises(ValueError, match="num_sites"):
+        PrivacyAccountant(cfg, 0.5)
 
 
 def test_epsilon_behaves_monotonically_and_edge_cases():
@@ -84,12 +112,10 @@ def test_epsilon_behaves_monotonically_and_edge_cases():
     eps = [acc.epsilon(r) for r in (0, 1, 2, 5, 10, 50)]
     assert eps[0] == 0.0 and all(a < b for a, b in zip(eps, eps[1:]))
     assert PrivacyAccountant(_cfg(noise_multiplier=2.0), 1.0).epsilon(10) < acc.epsilon(10)
-    assert PrivacyAccountant(_cfg(noise_multiplier=1.0), 0.5).epsilon(10) < acc.epsilon(10)
     assert math.isinf(PrivacyAccountant(_cfg(noise_multiplier=0.0), 1.0).epsilon(1))
     with pytest.raises(ValueError):
         PrivacyAccountant(_cfg(), 0.0)
     assert acc.report(3)["dp_epsilon"] == acc.epsilon(3)
-    assert len(DEFAULT_ORDERS) == len(set(DEFAULT_ORDERS))
 
 
 # --------------------------------------------------------------------------------------------

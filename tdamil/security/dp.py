@@ -20,8 +20,8 @@ How (Flower 1.42 Message API, "central DP with client-side fixed clipping"):
 
 The noise is added by the coordinator: the coordinator itself sees the clipped, un-noised updates
 (it is trusted); everyone who receives the released model (the sites, anyone the final checkpoint
-is shared with) gets the DP guarantee. :class:`PrivacyAccountant` turns (sigma, sampling rate,
-rounds, delta) into epsilon with the Renyi-DP accountant of the sampled Gaussian mechanism.
+is shared with) gets the DP guarantee. :class:`PrivacyAccountant` turns (sigma, sites sampled,
+rounds, delta) into epsilon with Flower's Renyi-DP accountant (``flwr.serverapp.RdpAccountant``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
 import numpy as np
 
@@ -41,123 +41,75 @@ __all__ = [
     "dp_server_strategy",
     "dp_client_mods",
     "PrivacyAccountant",
-    "rdp_sampled_gaussian",
-    "rdp_to_epsilon",
-    "DEFAULT_ORDERS",
     "SiteLevelDPStrategy",
 ]
 
-#: Renyi orders searched by the accountant (fractional ones are used only when every site takes
-#: part in every round, where the RDP curve has a closed form for every order).
-DEFAULT_ORDERS: tuple[float, ...] = tuple(
-    [1.1, 1.25, 1.5, 1.75] + [x / 2 for x in range(4, 41)] + list(range(21, 64)) + [64, 80, 96, 128, 192, 256, 512, 1024]
-)
-
-
 # ============================================================================================
 # Accountant
-def _log_add(a: float, b: float) -> float:
-    if a == -math.inf:
-        return b
-    if b == -math.inf:
-        return a
-    hi, lo = max(a, b), min(a, b)
-    return hi + math.log1p(math.exp(lo - hi))
-
-
-def rdp_sampled_gaussian(q: float, noise_multiplier: float, order: float) -> float:
-    """Renyi DP of one release of the (Poisson-)sampled Gaussian mechanism at ``order``.
-
-    ``q = 1`` (every site every round): ``order / (2 sigma^2)`` for any order > 1.
-    ``0 < q < 1``: integer orders only, from the binomial expansion (Mironov, Talwar, Zhang 2019,
-    "Renyi Differential Privacy of the Sampled Gaussian Mechanism", Sec. 3.3):
-    ``A = sum_k C(a,k) (1-q)^(a-k) q^k exp((k^2-k) / (2 sigma^2))``, ``RDP = log(A) / (a-1)``.
-    """
-    if noise_multiplier <= 0:
-        return math.inf
-    if not 0 < q <= 1:
-        raise ValueError(f"sampling rate must be in (0, 1], got {q}")
-    if order <= 1:
-        raise ValueError("Renyi order must be > 1")
-    s2 = noise_multiplier**2
-    if q == 1.0:
-        return order / (2 * s2)
-    if float(order).is_integer():
-        a = int(order)
-        log_a = -math.inf
-        for k in range(a + 1):
-            log_coef = math.lgamma(a + 1) - math.lgamma(k + 1) - math.lgamma(a - k + 1)
-            term = log_coef + (a - k) * math.log1p(-q) + (k * math.log(q) if k else 0.0) + (k * k - k) / (2 * s2)
-            log_a = _log_add(log_a, term)
-        return log_a / (a - 1)
-    return math.inf  # fractional orders with subsampling: not used (would need the series form)
-
-
-def rdp_to_epsilon(
-    rdp: Sequence[float], orders: Sequence[float], delta: float, conversion: str = "improved"
-) -> tuple[float, float]:
-    """Best (epsilon, order) from an RDP curve at ``delta``.
-
-    ``improved`` (default): Balle et al. 2020 / Canonne, Kamath, Steinke 2020 (as used by Opacus
-    and Google's dp-accounting): ``eps = rdp + log((a-1)/a) - (log(delta) + log(a)) / (a-1)``.
-    ``classic``: Mironov 2017, ``eps = rdp + log(1/delta)/(a-1)`` (looser; older papers report it).
-    """
-    if conversion not in ("improved", "classic"):
-        raise ValueError("conversion must be 'improved' or 'classic'")
-    if not 0 < delta < 1:
-        raise ValueError("delta must be in (0, 1)")
-    best, best_order = math.inf, float("nan")
-    for r, a in zip(rdp, orders):
-        if not math.isfinite(r):
-            continue
-        if conversion == "classic":
-            eps = r + math.log(1 / delta) / (a - 1)
-        else:
-            eps = r + math.log1p(-1 / a) - (math.log(delta) + math.log(a)) / (a - 1)
-        if eps < best:
-            best, best_order = eps, a
-    return max(best, 0.0), best_order
-
-
 @dataclass
 class PrivacyAccountant:
-    """(epsilon, delta) of the model released after each round.
+    """(epsilon, delta) of the model released after each round, from Flower's ``RdpAccountant``
+    (Google's dp-accounting behind it), as a function of the number of rounds.
 
-    ``sampling_rate``: the fraction of sites asked to train in a round (1.0 when every site trains
-    every round, the usual case for a few hospitals). Values below 1 assume Poisson sampling of
-    sites; Flower samples a fixed number without replacement, for which the result is the usual
-    approximation.
+    Each round is one sampled Gaussian release with noise multiplier sigma. How sites are sampled
+    follows the coordinator's strategy: Flower samples ``max(int(num_sites * sampling_rate),
+    min_sample)`` of the ``num_sites`` connected sites without replacement (``min_sample`` is the
+    strategy's ``min_train_nodes``). When that is every site (the usual case for a few hospitals,
+    and always when ``num_sites`` is the strategy's minimum) the release is the plain Gaussian
+    mechanism for adding or removing one site, with no amplification claimed. When it is fewer,
+    the accountant uses sampling without replacement, which Flower (and the bound behind it)
+    pairs with the replace-one-site relation.
 
-    >>> PrivacyAccountant(PrivacyConfig(enabled=True, noise_multiplier=1.0), 1.0).epsilon(10) > 0
+    >>> PrivacyAccountant(PrivacyConfig(enabled=True, noise_multiplier=1.0)).epsilon(10) > 0
     True
     """
 
     privacy_cfg: PrivacyConfig
     sampling_rate: float = 1.0
-    orders: tuple[float, ...] = DEFAULT_ORDERS
+    num_sites: Optional[int] = None
+    min_sample: int = 1
 
     def __post_init__(self) -> None:
         if not 0 < self.sampling_rate <= 1:
             raise ValueError(f"sampling_rate must be in (0, 1], got {self.sampling_rate}")
+        if self.sampling_rate < 1 and not self.num_sites:
+            raise ValueError("sampling_rate < 1 needs num_sites (the population the sites are sampled from)")
 
     @property
     def delta(self) -> float:
         return self.privacy_cfg.delta
 
-    def rdp(self, rounds: int) -> list[float]:
-        """RDP curve after ``rounds`` releases (composition adds RDP at each order)."""
-        q, sigma = self.sampling_rate, self.privacy_cfg.noise_multiplier
-        return [rounds * rdp_sampled_gaussian(q, sigma, a) for a in self.orders]
+    @property
+    def sample_size(self) -> int:
+        """Sites per round, by Flower's rule (``FedAvg.configure_train``)."""
+        n = self.num_sites or 1
+        return n if self.sampling_rate >= 1 else min(n, max(int(n * self.sampling_rate), self.min_sample))
 
     def epsilon(self, rounds: int) -> float:
         """Epsilon at ``privacy_cfg.delta`` after ``rounds`` rounds (0 rounds: 0; no noise: inf)."""
+        from flwr.serverapp import (  # noqa: PLC0415 - loads dp-accounting (scipy), coordinator only
+            GaussianPrivacyEvent,
+            NeighboringRelation,
+            RdpAccountant,
+            SamplingMethod,
+        )
+        from flwr.serverapp import PrivacyConfig as FlowerPrivacyConfig  # noqa: PLC0415
+
         if rounds < 0:
             raise ValueError("rounds must be >= 0")
         if rounds == 0:
             return 0.0
         if not self.privacy_cfg.enabled or self.privacy_cfg.noise_multiplier <= 0:
             return math.inf
-        return rdp_to_epsilon(self.rdp(rounds), self.orders, self.delta)[0]
+        n, k = self.num_sites or 1, self.sample_size
+        sampled = k < n
+        accountant = RdpAccountant(FlowerPrivacyConfig(
+            target_delta=self.delta, population_size=n,
+            neighboring_relation=NeighboringRelation.REPLACE_ONE if sampled else NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.WITHOUT_REPLACEMENT if sampled else SamplingMethod.NO_AMPLIFICATION,
+        ))
+        accountant.compose(GaussianPrivacyEvent(self.privacy_cfg.noise_multiplier, k, n), count=rounds)
+        return accountant.get_epsilon(self.delta)
 
     def report(self, rounds: int) -> dict[str, float]:
         """Numbers for logs and the audit trail."""
@@ -197,8 +149,10 @@ def _make_strategy_class():
         def __init__(self, strategy, privacy_cfg: PrivacyConfig, num_sites: int, sampling_rate: float = 1.0):
             super().__init__(strategy, privacy_cfg.noise_multiplier, privacy_cfg.clipping_norm, num_sites)
             self.privacy_cfg = privacy_cfg
-            self.accountant = None  # Flower's optional accountant (needs dp-accounting); ours below
-            self.site_accountant = PrivacyAccountant(privacy_cfg, sampling_rate)
+            # Flower's own accounting needs its FedAvg aggregation, which this wrapper replaces
+            self.accountant = None
+            self.site_accountant = PrivacyAccountant(privacy_cfg, sampling_rate, num_sites,
+                                                     min_sample=getattr(strategy, "min_train_nodes", 1))
             self._sent: dict[int, list[np.ndarray]] = {}
             self.last_noise_std: Optional[float] = None
             self.dropped_unclipped: list[int] = []
