@@ -27,6 +27,7 @@ from tdamil.federation.audit import AuditLog
 from tdamil.federation.config import CheckpointConfig, FederationConfig
 from tdamil.federation.grids import PatientGrid
 from tdamil.federation.loop import RoundLoop, RunResult
+from tdamil.federation.run_report import write_run_report
 from tdamil.federation.strategies import build_strategy
 from tdamil.federation.task import ModelSpec, build_model, load_arrays, local_evaluate, model_to_arrays
 
@@ -82,7 +83,8 @@ def run_federated(grid: Grid, setup: RunSetup) -> RunResult:
     strategy, epsilon_fn = _privacy(setup, build_strategy(fed), fed.min_sites)
     evaluate_fn = make_heldout_evaluate(setup.spec, setup.heldout) if setup.heldout else None
     loop = RoundLoop(strategy, fed, setup.spec.to_json(), setup.out_dir, ckpt=setup.checkpoint,
-                     evaluate_fn=evaluate_fn, epsilon_fn=epsilon_fn, plot=setup.plot, session=setup.session)
+                     evaluate_fn=evaluate_fn, epsilon_fn=epsilon_fn, plot=setup.plot, session=setup.session,
+                     on_round=lambda _rnd: write_run_report(setup.out_dir))  # report.html, every round
     initial = model_to_arrays(build_model(setup.spec, seed=fed.seed))
     patient = PatientGrid(grid, min_nodes=fed.min_sites, wait_timeout=fed.wait_for_sites_s,
                           poll_interval=fed.reply_poll_s)
@@ -140,6 +142,10 @@ def record_run_failure(context: Context, setup: Optional[RunSetup], exc: BaseExc
             "run_failed", error=error)
     except OSError as log_exc:  # never hide the original error
         logger.error("Could not record the failure in %s: %s", out, log_exc)
+    try:
+        write_run_report(Path(str(out)))  # the page then says the run failed, and why
+    except Exception as rep_exc:  # noqa: BLE001 - never hide the original error
+        logger.error("Could not update %s/report.html: %s", out, rep_exc)
     logger.error("The run failed: %s", error)
 
 

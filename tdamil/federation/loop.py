@@ -69,13 +69,16 @@ class RoundLoop:
     ``evaluate_fn(round, arrays)`` returns ``{cohort: metrics}`` for the server's held-out cohorts
     (or ``{}``). ``epsilon_fn(round)`` (DP enabled) returns the privacy budget spent so far.
     ``session`` tags every audit line (the coordinator passes its own; default: a fresh id).
+    ``on_round(round)`` runs after every round and once when the run ends (the coordinator writes
+    its run report there); an error in it is logged, never fatal.
     """
 
     def __init__(self, strategy: Any, fed: FederationConfig, model_spec: str, out_dir: str | Path, *,
                  ckpt: CheckpointConfig | None = None, evaluate_fn: EvaluateFn | None = None,
                  epsilon_fn: Callable[[int], float] | None = None, plot: bool = True,
-                 session: str | None = None) -> None:
+                 session: str | None = None, on_round: Callable[[int], None] | None = None) -> None:
         self.strategy = strategy
+        self.on_round = on_round
         self.fed = fed
         self.model_spec = model_spec
         self.out_dir = Path(out_dir)
@@ -157,6 +160,7 @@ class RoundLoop:
                 logger.warning("Could not draw learning curves: %s", exc)
         self.audit.write("run_finished", last_round=self.fed.rounds, failed_rounds=failed,
                          best=self.store.best)
+        self._after_round(self.fed.rounds)
         return RunResult(arrays=arrays, first_round=start, last_round=self.fed.rounds, failed_rounds=failed,
                          out_dir=self.out_dir)
 
@@ -191,7 +195,16 @@ class RoundLoop:
         self.audit.write("round_finished", round=rnd, ok=ok, seconds=table["seconds"],
                          best_metric=self.store.metric, metric_value=value,
                          dp_epsilon=aggregate.get("dp-epsilon"))
+        self._after_round(rnd)
         return arrays, ok
+
+    def _after_round(self, rnd: int) -> None:
+        if self.on_round is None:
+            return
+        try:
+            self.on_round(rnd)
+        except Exception as exc:  # noqa: BLE001 - a report must never cost a round
+            logger.warning("After round %d: %s", rnd, exc)
 
     def _save(self, rnd: int, arrays: ArrayRecord, value: float | None, metrics: dict[str, Any]) -> None:
         """Checkpoint round ``rnd`` (``best.pt`` too when ``value`` improves) and audit the files."""
