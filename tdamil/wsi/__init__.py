@@ -6,8 +6,11 @@ Public entry points::
     summary = extract_site(data_cfg, ExtractionConfig(encoder="uni", weights=Path(...)))
 
 Submodules: ``reader`` (open_slide, mpp), ``tissue`` (segment_tissue), ``grid`` (plan_read,
-tissue_grid), ``encoders`` (registry, load_encoder), ``extract`` (extract_site), ``qc`` and
-``heatmap`` (pictures), ``cli`` (``tdamil-extract``), ``testslides`` (pyramids for tests).
+tissue_grid, edge padding), ``encoders`` (registry, load_encoder), ``extract`` (extract_site: the
+pipeline) with ``extract_config`` (settings, hash), ``jobs`` (which slides, shards), ``prepare``
+(one slide's grid and attributes), ``patches`` (DataLoader reading), ``claims`` (concurrent
+processes), ``extract_report`` (results); ``qc``, ``heatmap`` and ``geojson`` (pictures, QuPath
+objects), ``cli`` (``tdamil-extract``), ``testslides`` (pyramids for tests).
 Heavy imports (torch, timm) happen only when ``extract``/``encoders`` are used.
 """
 

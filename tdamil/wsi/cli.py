@@ -10,8 +10,10 @@ Only the ``site``, ``data`` and ``extraction`` sections of the site YAML are rea
 (the other sections belong to the training client). No labels are needed: the manifest needs only
 a ``slide_id`` column, and without ``data.manifest`` every slide file in ``data.slides_dir`` is
 extracted. Several processes may run at once on one features folder (one per GPU, or shards on
-several machines): each slide is claimed by one process; the others report it as busy. Exit status: 0 all slides done or skipped,
-1 some slides failed (listed with reason and fix), 2 the configuration is invalid.
+several machines): each slide is claimed by one process; the others report it as busy.
+
+Exit status: 0 all slides done, skipped or busy in another process, 1 some slides failed (listed
+with reason and fix), 2 the configuration is invalid.
 """
 
 from __future__ import annotations
