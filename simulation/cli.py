@@ -64,6 +64,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--output-dir", type=Path, default=None, help="override output_dir")
     parser.add_argument("--rounds", type=int, default=None, help="override federation.rounds")
     parser.add_argument("--engine", choices=["inprocess", "ray"], default=None, help="override engine")
+    parser.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                        help="run on this Ray cluster (host:port of `ray start --head`, or auto); implies --engine ray")
     parser.add_argument("--no-baselines", action="store_true", help="skip the centralised / local-only baselines")
     parser.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -74,6 +76,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         overrides["federation.rounds"] = args.rounds
     if args.engine is not None:
         overrides["engine"] = args.engine
+    if args.ray_address is not None:
+        overrides.update({"engine": "ray", "ray.address": args.ray_address})
     if args.no_baselines:
         overrides["baselines"] = False
     try:

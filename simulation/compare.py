@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tdamil.data.bags import InMemoryBagDataset
+from tdamil.data.bags import ConcatBagDataset
 from tdamil.federation.task import ModelSpec, build_model, local_train
 from tdamil.simulation.config import SimConfig
 from tdamil.simulation.report import CISettings, TargetPredictions, comparison_row, paired_rows, write_comparison
@@ -25,17 +25,6 @@ from tdamil.train.engine import evaluate
 logger = logging.getLogger(__name__)
 
 __all__ = ["train_baseline", "compare"]
-
-
-def _concat(datasets: list[Any]) -> Any:
-    feats, labels, ids = [], [], []
-    for ds in datasets:
-        for i in range(len(ds)):
-            bag = ds[i]
-            feats.append(bag.features)
-            labels.append(bag.label)
-            ids.append(bag.slide_id)
-    return InMemoryBagDataset(feats, labels, ids, num_classes=datasets[0].num_classes)
 
 
 def train_baseline(cfg: SimConfig, spec: ModelSpec, dataset: Any, epochs: int) -> Any:
@@ -50,7 +39,7 @@ def compare(cfg: SimConfig, sims: SimSites, global_model: Any, spec: ModelSpec, 
     budget = cfg.federation.rounds * cfg.federation.local_epochs
     logger.info("Baselines at the same budget: %d epochs each (centralised + %d local-only).", budget, len(sims.sites))
     t0 = time.perf_counter()
-    central = train_baseline(cfg, spec, _concat([s.train for s in sims.sites.values()]), budget)
+    central = train_baseline(cfg, spec, ConcatBagDataset([s.train for s in sims.sites.values()]), budget)
     local = {name: train_baseline(cfg, spec, s.train, budget) for name, s in sims.sites.items()}
     logger.info("Baselines trained in %.1f s.", time.perf_counter() - t0)
     targets = {name: s.test for name, s in sims.sites.items()}

@@ -14,7 +14,8 @@ from tdamil.security.config import PrivacyConfig
 from tdamil.server.config import validate_model
 from tdamil.train.engine import TrainConfig
 
-__all__ = ["DigitsSitesConfig", "ManifestSitesConfig", "SimDataConfig", "SimConfig", "load_sim_config"]
+__all__ = ["DigitsSitesConfig", "ManifestSitesConfig", "SimDataConfig", "SiteResources", "RayConfig", "SimConfig",
+           "load_sim_config"]
 
 
 @dataclass
@@ -65,12 +66,73 @@ class SimDataConfig:
 
 
 @dataclass
+class SiteResources:
+    """``resources:`` what each virtual site reserves while it runs a message (Ray engine).
+
+    num_cpus: CPUs per site; num_gpus: GPUs per site, a fraction lets sites share one (0.5: two sites
+    per GPU), more than 1 must be a whole number. The sites' training device follows: cuda when
+    num_gpus > 0 (Ray shows each site only the GPU(s) it was given), else cpu. As many sites run
+    at once as the cluster fits; the others wait their turn.
+    """
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.num_cpus <= 0:
+            raise ValueError("resources.num_cpus must be > 0")
+        if self.num_gpus < 0 or (self.num_gpus > 1 and self.num_gpus != int(self.num_gpus)):
+            raise ValueError("resources.num_gpus must be 0, a fraction of one GPU (e.g. 0.5) or a whole number")
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+
+@dataclass
+class RayConfig:
+    """``ray:`` how the Ray engine finds its cluster (``ray.init``).
+
+    address:             null: start a private Ray instance on this machine; ``host:port`` of a running
+                         cluster's head (``ray start --head``) or ``auto`` (``RAY_ADDRESS`` / the cluster
+                         started on this machine) to join one. ``--ray-address`` overrides it.
+    num_cpus / num_gpus: what the private instance may use (default: all of the machine); not allowed
+                         with an address (the cluster's nodes declare their own).
+    object_store_memory: bytes of Ray's shared object store of the private instance (default: Ray's).
+    log_to_driver:       show the sites' log lines in this terminal.
+    """
+
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None
+    num_gpus: Optional[int] = None
+    object_store_memory: Optional[int] = None
+    log_to_driver: bool = True
+
+    def __post_init__(self) -> None:
+        if self.address and any(v is not None for v in (self.num_cpus, self.num_gpus, self.object_store_memory)):
+            raise ValueError("ray.num_cpus, ray.num_gpus and ray.object_store_memory apply to a private Ray "
+                             "instance only; remove them when ray.address joins a cluster")
+
+    def init_args(self) -> dict[str, Any]:
+        """Keyword arguments of ``ray.init``."""
+        args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": self.log_to_driver,
+                                "logging_level": "WARNING"}
+        if self.address:
+            args["address"] = self.address
+        for key in ("num_cpus", "num_gpus", "object_store_memory"):
+            if getattr(self, key) is not None:
+                args[key] = getattr(self, key)
+        return args
+
+
+@dataclass
 class SimConfig:
     """A simulation YAML (``configs/sim_digits.yaml``).
 
     model / num_classes: the model (tdamil.models config); output_dir: where everything goes;
     data: the sites; federation / checkpoint: as in server.yaml; train: the sites' TrainConfig
-    (device, accumulation, ...; lr and epochs come from ``federation``); engine: inprocess | ray;
+    (accumulation, ...; lr and epochs come from ``federation``; the device follows ``resources``);
+    engine: inprocess | ray; resources: per site (SiteResources); ray: the Ray cluster (RayConfig);
     baselines: also run centralised and local-only training at the same budget; privacy: DP;
     torch_threads: CPU threads for torch (1: small MIL models run fastest single-threaded, and
     oversubscribed cores slow multi-threaded torch down by orders of magnitude; null = torch's default).
@@ -82,11 +144,23 @@ class SimConfig:
     data: SimDataConfig = field(default_factory=SimDataConfig)
     federation: FederationConfig = field(default_factory=lambda: FederationConfig(rounds=10, lr=1e-3, min_sites=3))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(progress=False, device="cpu"))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(progress=False))
     engine: Literal["inprocess", "ray"] = "inprocess"
+    resources: SiteResources = field(default_factory=SiteResources)
+    ray: RayConfig = field(default_factory=RayConfig)
     baselines: bool = True
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     torch_threads: Optional[int] = 1
+
+    def __post_init__(self) -> None:
+        # One source for the device: what the sites reserve. A contradicting train.device is an
+        # error rather than a silent override (cuda without a reserved GPU sees no GPU under Ray).
+        want = self.resources.device
+        if self.train.device not in ("auto", want):
+            raise ValueError(f"train.device is '{self.train.device}' but resources.num_gpus is "
+                             f"{self.resources.num_gpus:g}, so the sites train on {want}; remove train.device "
+                             f"or set resources.num_gpus (e.g. 1, or 0.5 for two sites per GPU)")
+        self.train.device = want
 
 
 def load_sim_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SimConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 from tdamil.client.client_app import SiteRuntime
@@ -12,6 +13,7 @@ from tdamil.federation.data import cohort_datasets, load_manifest_frame, split_d
 from tdamil.federation.task import SiteData
 from tdamil.security.dp import dp_client_mods
 from tdamil.simulation.config import SimConfig
+from tdamil.simulation.resources import record_placement
 
 __all__ = ["SimSites", "build_sites", "SimSiteProvider"]
 
@@ -54,14 +56,17 @@ def build_sites(cfg: SimConfig) -> SimSites:
 class SimSiteProvider:
     """ClientApp data provider for simulated sites: ``node_config["site"]`` (in-process) or
     ``node_config["partition-id"]`` (Ray) -> that site's data. Picklable; builds the sites lazily
-    (deterministically, from the config) in each process that needs them."""
+    (deterministically, from the config) in each process that needs them: a Ray actor receives the
+    config, never arrays, and its sites read their bags from the feature files one at a time.
+    ``placement``: a file where each call notes where the site ran (Ray engine)."""
 
-    def __init__(self, cfg: SimConfig, sites: Optional[SimSites] = None) -> None:
+    def __init__(self, cfg: SimConfig, sites: Optional[SimSites] = None, placement: Optional[Path] = None) -> None:
         self.cfg = cfg
         self._sites = sites
+        self.placement = placement
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"cfg": self.cfg, "_sites": None}
+        return {"cfg": self.cfg, "_sites": None, "placement": self.placement}
 
     def __call__(self, context: Any) -> SiteRuntime:
         if self._sites is None:
@@ -70,5 +75,7 @@ class SimSiteProvider:
         site = context.node_config.get("site")
         if site is None:
             site = names[int(context.node_config["partition-id"]) % len(names)]
+        if self.placement is not None:
+            record_placement(self.placement, str(site), self.cfg.train.device)
         mods = list(dp_client_mods(self.cfg.privacy)) if self.cfg.privacy.enabled else []
         return SiteRuntime(name=str(site), data=self._sites.sites[str(site)], train_cfg=self.cfg.train, train_mods=mods)

@@ -5,6 +5,8 @@
 * :class:`FeatureBagDataset`  reads ``<features_dir>/<slide_id>.h5`` lazily, one file per access,
                               through :func:`tdamil.data.h5.read_features`.
 * :class:`InMemoryBagDataset` bags held in memory (digits bags, tests, small cohorts).
+* :class:`ConcatBagDataset`   several datasets as one (a pooled, centralised training set), as lazy
+                              as its parts.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Bag", "BagDataset", "BagFileError", "FeatureBagDataset", "InMemoryBagDataset", "class_counts"]
+__all__ = ["Bag", "BagDataset", "BagFileError", "FeatureBagDataset", "InMemoryBagDataset", "ConcatBagDataset",
+           "class_counts"]
 
 
 @dataclass
@@ -337,3 +340,47 @@ class FeatureBagDataset:
 
     def __repr__(self) -> str:
         return f"FeatureBagDataset({len(self)} slides in {self.features_dir}, classes={self.num_classes})"
+
+
+class ConcatBagDataset:
+    """The bags of several datasets, in order, without reading any: item ``i`` is fetched from its
+    part when asked for, so pooling feature-file datasets keeps one bag in memory at a time."""
+
+    def __init__(self, parts: Sequence[Any]) -> None:
+        if not parts:
+            raise ValueError("ConcatBagDataset needs at least one dataset.")
+        classes = {int(p.num_classes) for p in parts}
+        if len(classes) > 1:
+            raise ValueError(f"datasets to pool have different class counts {sorted(classes)}.")
+        self._parts = list(parts)
+        self._index = [(k, i) for k, p in enumerate(self._parts) for i in range(len(p))]
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, index: int) -> Bag:
+        k, i = self._index[index]
+        return self._parts[k][i]
+
+    @property
+    def labels(self) -> list[int]:
+        return [y for p in self._parts for y in p.labels]
+
+    @property
+    def slide_ids(self) -> list[str]:
+        return [s for p in self._parts for s in p.slide_ids]
+
+    @property
+    def patient_ids(self) -> list[str]:
+        return [s for p in self._parts for s in p.patient_ids]
+
+    @property
+    def in_dim(self) -> int:
+        return int(self._parts[0].in_dim)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self._parts[0].num_classes)
+
+    def __repr__(self) -> str:
+        return f"ConcatBagDataset({len(self)} bags from {len(self._parts)} datasets)"
