@@ -5,8 +5,9 @@ children. Flower's own children (``flower-superexec``, ``flwr-serverapp``, ``flw
 started by the SuperLink / SuperNode, outlive it and keep retrying for tens of seconds. So
 :func:`start_watchdog` starts one small process that
 
-* every ``interval`` seconds records the whole tree under the watched process (from ``/proc``,
-  each pid with its start time, so a reused pid is never mistaken for one of ours), and
+* every ``interval`` seconds (1 s: one walk of /proc costs about 10 ms of CPU) records the whole
+  tree under the watched process (each pid with its start time, so a reused pid is never mistaken
+  for one of ours), and
 * when its stdin reaches end-of-file - the kernel closes the pipe when the watched process ends,
   however it ends - sends SIGTERM to every recorded process still alive, then SIGKILL after
   ``grace`` seconds.
@@ -75,7 +76,7 @@ def _signal_all(pids: list[int], sig: int) -> None:
             pass
 
 
-def watch(parent: int, interval: float = 0.5, grace: float = 2.0) -> None:
+def watch(parent: int, interval: float = 1.0, grace: float = 2.0) -> None:
     """Record ``parent``'s tree until stdin closes, then stop every recorded process still alive."""
     tracked: dict[int, int] = {}
     me = os.getpid()
