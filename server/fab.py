@@ -12,7 +12,6 @@ SuperNode's is off unless ``--allow-runtime-dependency-installation`` is given).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import zipfile
 from pathlib import Path
@@ -78,7 +77,3 @@ def fab_members(fab: bytes) -> list[str]:
     """File names inside a FAB (tests: the bundle carries no code)."""
     with zipfile.ZipFile(io.BytesIO(fab)) as zf:
         return sorted(zf.namelist())
-
-
-def fab_sha256(fab: bytes) -> str:
-    return hashlib.sha256(fab).hexdigest()

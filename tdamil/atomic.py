@@ -1,21 +1,24 @@
-"""Atomic file writes: a reader never sees a half-written feature file, checkpoint, key or picture.
+"""Files on disk: atomic writes (a reader never sees a half-written feature file, checkpoint, key or
+picture) and the sha256 of a file's content.
 
 Every file the project produces (feature h5, checkpoints, metrics CSV, QC and heatmap PNGs,
 certificates and keys) is written through :func:`atomic_path`: the data go to a temporary file in
 the destination folder, are flushed to disk, and then replace the destination in one
 ``os.replace``. If anything fails on the way, the temporary file is removed and the destination is
-left exactly as it was, so an interrupted run loses no finished work.
+left exactly as it was, so an interrupted run loses no finished work. :func:`sha256_file` is the
+one digest of a file's bytes (checkpoints in the audit log, encoder weights in the feature cache).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "sha256_file"]
 
 
 @contextmanager
@@ -43,3 +46,12 @@ def atomic_path(path: str | os.PathLike, *, mode: int = 0o644, suffix: str = ".t
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
+    """Hex sha256 of a file's content, read in 8 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

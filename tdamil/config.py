@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -27,7 +28,7 @@ import yaml
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "load_config", "from_dict", "to_dict", "load_yaml"]
+__all__ = ["ConfigError", "load_config", "from_dict", "to_dict", "json_safe", "load_yaml"]
 
 
 class ConfigError(ValueError):
@@ -84,6 +85,27 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def json_safe(value: Any) -> Any:
+    """A copy that standard JSON can hold: undefined numbers (NaN, inf; e.g. AUROC of a one-class
+    split) become ``None`` (``null``), numpy / torch scalars Python numbers, dataclasses and paths
+    plain values. The one NaN-to-null rule of every JSON file and log line the project writes."""
+    value = to_dict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else value
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalar
+        try:
+            value = value.item()
+        except (ValueError, TypeError):
+            return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 # --------------------------------------------------------------------------------------------

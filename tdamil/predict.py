@@ -32,7 +32,7 @@ from typing import Any, Optional, Sequence
 from torch import nn
 
 from tdamil.atomic import atomic_path
-from tdamil.config import ConfigError
+from tdamil.config import ConfigError, json_safe
 from tdamil.data.config import DataConfig
 from tdamil.checkpoint import CheckpointError, load_checkpoint
 
@@ -107,7 +107,6 @@ def predict_site(
     from tdamil.data.manifest import load_manifest
     from tdamil.train.engine import evaluate
     from tdamil.stats import bootstrap_ci, interval_columns
-    from tdamil.train.metrics import metrics_for_json
 
     out = Path(out_dir)
     df = load_manifest(data_cfg.manifest, classes=data_cfg.classes)
@@ -136,7 +135,7 @@ def predict_site(
         table.to_csv(tmp, index=False)
     with atomic_path(out / "metrics.json") as tmp:
         ci = interval_columns(bootstrap_ci(result.labels, result.probs, dataset.patient_ids))
-        tmp.write_text(json.dumps(metrics_for_json(result.metrics | ci), indent=2))
+        tmp.write_text(json.dumps(json_safe(result.metrics | ci), indent=2))
     logger.info("Wrote %s and %s", out / "predictions.csv", out / "metrics.json")
 
     if heatmaps:

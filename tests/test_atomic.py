@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tdamil.atomic import atomic_path
+from tdamil.atomic import atomic_path, sha256_file
 
 
 def test_success_replaces_the_file_with_the_requested_mode(tmp_path: Path) -> None:
@@ -38,3 +38,12 @@ def test_default_mode_is_readable_and_suffix_is_kept(tmp_path: Path) -> None:
         assert tmp.name.endswith(".tmp.png")
         tmp.write_bytes(b"png")
     assert stat.S_IMODE(dest.stat().st_mode) == 0o644
+
+
+def test_sha256_file_matches_hashlib_across_chunk_boundaries(tmp_path: Path) -> None:
+    import hashlib
+
+    data = bytes(range(256)) * 40000  # 10 MB: more than one 8 MiB chunk
+    (tmp_path / "f").write_bytes(data)
+    assert sha256_file(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+    assert sha256_file(tmp_path / "f", chunk=1000) == hashlib.sha256(data).hexdigest()

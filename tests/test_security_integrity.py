@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tdamil.federation.audit import AuditLog, sha256_file
+from tdamil.atomic import sha256_file
+from tdamil.federation.audit import AuditLog
 from tdamil.security.integrity import CheckpointIntegrityError, recorded_checkpoints, verify_checkpoint
 
 

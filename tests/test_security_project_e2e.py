@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tdamil.atomic import sha256_file
 from tdamil.federation.processes import free_port
 from tdamil.security.certs import init_pki, issue_site
-from tdamil.security.integrity import CheckpointIntegrityError, sha256_of, verify_checkpoint
+from tdamil.security.integrity import CheckpointIntegrityError, verify_checkpoint
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
@@ -127,7 +128,7 @@ def test_audit_round_record_lists_sites_sizes_metrics_checkpoints_and_no_data(fe
     assert ckpts and all(len(r["sha256"]) == 64 for r in ckpts)
     for r in ckpts:
         if Path(r["path"]).is_file() and r["kind"] != "best":
-            assert sha256_of(r["path"]) == r["sha256"]
+            assert sha256_file(r["path"]) == r["sha256"]
     text = (fed["out"] / "audit.jsonl").read_text()
     # no slide/patient identifiers and no feature values leave the sites into the log
     for s in fed["sites"]:
@@ -166,7 +167,7 @@ def test_damaged_checkpoint_is_detected_and_finished_rounds_kept(fed):
     out = fed["out"]
     last = out / "checkpoints" / "last.pt"
     round1 = out / "checkpoints" / "round_0001.pt"
-    assert verify_checkpoint(last, out / "audit.jsonl") == sha256_of(last)
+    assert verify_checkpoint(last, out / "audit.jsonl") == sha256_file(last)
     before = round1.read_bytes()
     data = bytearray(last.read_bytes())
     good = bytes(data)

@@ -57,12 +57,17 @@ def test_direction_and_bad_input():
         classification_metrics([0, 2], np.array([[0.5, 0.5], [0.5, 0.5]]))
 
 
-def test_metrics_for_json_writes_undefined_values_as_null():
+def test_json_safe_writes_undefined_values_as_null():
     import json
+    from pathlib import Path
 
-    from tdamil.train.metrics import metrics_for_json
+    import torch
+
+    from tdamil.config import json_safe
 
     one_class = classification_metrics([1, 1, 1], np.array([[0.2, 0.8], [0.4, 0.6], [0.1, 0.9]]), num_classes=2)
-    text = json.dumps(metrics_for_json(one_class), allow_nan=False)  # NaN would make invalid JSON
+    text = json.dumps(json_safe(one_class), allow_nan=False)  # NaN would make invalid JSON
     assert json.loads(text)["auroc"] is None
     assert json.loads(text)["n"] == 3
+    nested = {"a": [np.float32(0.5), float("inf"), (np.int64(2), Path("/x"))], "t": torch.tensor(float("nan")), 3: -math.inf}
+    assert json_safe(nested) == {"a": [0.5, None, [2, "/x"]], "t": None, "3": None}

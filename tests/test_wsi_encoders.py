@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tdamil.atomic import sha256_file
 from tdamil.wsi.encoders import (
     ENCODER_NAMES,
     EncoderError,
     build_encoder,
     get_spec,
     load_encoder,
-    sha256_file,
 )
 
 DIMS = {"uni": 1024, "uni2_h": 1536, "virchow2": 2560, "hoptimus0": 1536, "gigapath": 1536, "resnet50_trunc": 1024, "tiny": 64}

@@ -23,7 +23,7 @@ no site has, for server-side evaluation.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -272,8 +272,3 @@ def make_digits_sites(
         logger.info("Digits site %s: positive share %.2f, mean bag size %.1f, %d images", name, pos_frac, mean_size, len(pool))
     held = _draw_bags(images, digits, held_pool, cfg.num_test_bags, cfg, rng, "held_out")
     return DigitsSites(sites, held)
-
-
-def with_seed(cfg: DigitsBagsConfig, seed: int) -> DigitsBagsConfig:
-    """A copy of ``cfg`` with another seed."""
-    return replace(cfg, seed=seed)

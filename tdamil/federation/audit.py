@@ -9,45 +9,19 @@ fsynced as they are written so a crash loses at most the line being written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tdamil.atomic import sha256_file
+from tdamil.config import json_safe
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["AuditLog", "sha256_file", "read_audit", "session_outcome"]
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe copy: NaN/inf become null, numpy scalars become Python numbers, paths strings."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalar
-        try:
-            value = value.item()
-        except (ValueError, TypeError):
-            return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+__all__ = ["AuditLog", "read_audit", "session_outcome"]
 
 
 class AuditLog:
@@ -63,7 +37,7 @@ class AuditLog:
         record = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": event}
         if self.session is not None:
             record["session"] = self.session
-        record.update(_clean(fields))
+        record.update(json_safe(fields))
         line = json.dumps(record, sort_keys=False, allow_nan=False)
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(line + "\n")

@@ -13,19 +13,14 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any, Iterable
+
+from tdamil.config import json_safe
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["MetricsHistory", "plot_learning_curves", "read_history"]
-
-
-def _num(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
 
 
 class MetricsHistory:
@@ -39,7 +34,7 @@ class MetricsHistory:
 
     def add(self, server_round: int, phase: str, site: str, metrics: dict[str, Any]) -> None:
         row = {"round": server_round, "phase": phase, "site": site}
-        row.update({k: _num(float(v)) if isinstance(v, (int, float)) else v for k, v in metrics.items()})
+        row.update(json_safe({k: float(v) if isinstance(v, (int, float)) else v for k, v in metrics.items()}))
         with open(self.jsonl, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
 

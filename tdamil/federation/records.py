@@ -42,18 +42,14 @@ METRICS = "metrics"
 SITE = "site"
 WEIGHT_KEY = "num-examples"
 
-# The metric names an evaluation returns (mirrors tdamil.train.metrics.METRIC_KEYS).
-DEFAULT_METRIC_KEYS: tuple[str, ...] = ("auroc", "balanced_accuracy", "f1", "accuracy", "loss", "n")
-
 
 def metric_keys() -> tuple[str, ...]:
-    """The engine's metric names when it is installed, else the documented default set."""
-    try:
-        from tdamil.train.metrics import METRIC_KEYS  # noqa: PLC0415
+    """The metric names an evaluation returns (:data:`tdamil.train.metrics.METRIC_KEYS`)."""
+    # imported here: the metrics module loads scikit-learn, which only processes that build
+    # metric records need (not the coordinator's CLI or the gateway)
+    from tdamil.train.metrics import METRIC_KEYS  # noqa: PLC0415
 
-        return tuple(METRIC_KEYS)
-    except ImportError:  # pragma: no cover - only before the engine lands
-        return DEFAULT_METRIC_KEYS
+    return tuple(METRIC_KEYS)
 
 
 GLOBAL_PREFIX = "global-"  # train replies: the incoming global model on the validation split

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -136,10 +135,6 @@ def local_evaluate(model: torch.nn.Module, dataset: Any, device: Any = None) -> 
 
     result = evaluate(model, dataset, device=device)
     return {k: float(result.metrics.get(k, float("nan"))) for k in keys}
-
-
-def clone_model(model: torch.nn.Module) -> torch.nn.Module:
-    return copy.deepcopy(model)
 
 
 @dataclass

@@ -8,16 +8,17 @@ the file can be verified before it is trusted, and an intact round checkpoint ca
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from tdamil.atomic import sha256_file
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointIntegrityError", "CheckpointRecord", "recorded_checkpoints", "verify_checkpoint", "sha256_of"]
+__all__ = ["CheckpointIntegrityError", "CheckpointRecord", "recorded_checkpoints", "verify_checkpoint"]
 
 
 class CheckpointIntegrityError(ValueError):
@@ -29,14 +30,6 @@ class CheckpointRecord:
     round: int
     path: Path
     sha256: str
-
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def recorded_checkpoints(audit_path: str | Path) -> list[CheckpointRecord]:
@@ -68,7 +61,7 @@ def verify_checkpoint(checkpoint: str | Path, audit_path: str | Path) -> Optiona
     mine = [r for r in records if r.path.resolve() == checkpoint.resolve()]
     if not mine:
         return None
-    actual = sha256_of(checkpoint)
+    actual = sha256_file(checkpoint)
     expected = mine[-1].sha256
     if actual == expected:
         return actual
@@ -77,7 +70,7 @@ def verify_checkpoint(checkpoint: str | Path, audit_path: str | Path) -> Optiona
         (r for r in records if r.path.resolve() != checkpoint.resolve() and r.path.is_file()),
         key=lambda r: (r.round, r.path.name.startswith("round_")), reverse=True,
     )
-    intact = [r for r in candidates if sha256_of(r.path) == r.sha256]
+    intact = [r for r in candidates if sha256_file(r.path) == r.sha256]
     hint = (f" {intact[0].path} (round {intact[0].round}) is intact: copy it over {checkpoint.name} and resume."
             if intact else " No intact checkpoint of this run is left; start a new run.")
     raise CheckpointIntegrityError(

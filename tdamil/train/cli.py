@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 
 from tdamil.checkpoint import CheckpointError
-from tdamil.config import ConfigError, load_config, to_dict
+from tdamil.config import ConfigError, json_safe, load_config, to_dict
 from tdamil.data.bags import BagDataset, BagFileError, FeatureBagDataset, InMemoryBagDataset
 from tdamil.data.config import DataConfig
 from tdamil.data.digits import DigitsBagsConfig, make_digits_bags
@@ -39,7 +39,7 @@ from tdamil.data.splits import folds_from_column, patient_kfold, patient_split, 
 from tdamil.logs import setup_logging
 from tdamil.stats import CI_METRICS, Interval, bootstrap_ci, format_interval, interval_columns
 from tdamil.train.engine import TrainConfig, evaluate, fit, seed_everything
-from tdamil.train.metrics import METRIC_KEYS, metrics_for_json
+from tdamil.train.metrics import METRIC_KEYS
 from tdamil.train.plots import plot_learning_curve
 
 logger = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ def run(cfg: TrainRunConfig, *, model_override: Optional[str] = None, source: st
             f"val_{cfg.train.monitor}": res.best_value,
             "test": test_metrics,
         }
-        (out / "test_metrics.json").write_text(json.dumps(metrics_for_json(summary) | {"test": metrics_for_json(test_metrics)}, indent=2))
+        (out / "test_metrics.json").write_text(json.dumps(json_safe(summary | {"test": test_metrics}), indent=2))
         if test_metrics:
             logger.info(
                 "%s%s test (95%% CI): AUROC %s, balanced accuracy %s, F1 %s (n=%d, best epoch %d)",
@@ -221,7 +221,7 @@ def run(cfg: TrainRunConfig, *, model_override: Optional[str] = None, source: st
         cv = {}
         for k in METRIC_KEYS:
             vals = np.asarray([r.get(k, math.nan) for r in results], dtype=float)
-            cv[k] = {"mean": float(np.nanmean(vals)) if np.isfinite(vals).any() else None, "std": float(np.nanstd(vals)) if np.isfinite(vals).any() else None, "folds": [None if math.isnan(v) else float(v) for v in vals]}
+            cv[k] = {"mean": float(np.nanmean(vals)) if np.isfinite(vals).any() else None, "std": float(np.nanstd(vals)) if np.isfinite(vals).any() else None, "folds": json_safe([float(v) for v in vals])}
         (root / "cv_summary.json").write_text(json.dumps({"model": name, "k_folds": len(folds), "test": cv}, indent=2))
         logger.info("%s %d-fold CV test AUROC %.4f +- %.4f", name, len(folds), cv["auroc"]["mean"] or math.nan, cv["auroc"]["std"] or math.nan)
     return {"model": name, "folds": results, "out_dir": root}

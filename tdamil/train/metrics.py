@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
-__all__ = ["METRIC_KEYS", "classification_metrics", "nan_metrics", "higher_is_better", "metrics_for_json"]
+__all__ = ["METRIC_KEYS", "classification_metrics", "nan_metrics", "higher_is_better"]
 
 METRIC_KEYS: tuple[str, ...] = ("auroc", "balanced_accuracy", "f1", "accuracy", "loss", "n")
 
@@ -32,11 +32,6 @@ def higher_is_better(key: str) -> bool:
     if key not in METRIC_KEYS or key == "n":
         raise ValueError(f"'{key}' is not a metric to optimise; choose one of {', '.join(k for k in METRIC_KEYS if k != 'n')}.")
     return key != "loss"
-
-
-def metrics_for_json(metrics: dict) -> dict:
-    """``metrics`` with undefined (NaN) values as ``None``, so JSON files stay standard (``null``)."""
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
 
 
 def nan_metrics(n: int = 0) -> dict[str, float]:

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tdamil.atomic import sha256_file
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -48,7 +50,6 @@ __all__ = [
     "build_encoder",
     "load_encoder",
     "load_state_dict_file",
-    "sha256_file",
     "weights_digest",
     "TinyEncoder",
 ]
@@ -303,15 +304,6 @@ def build_encoder(name: str, **overrides: Any) -> PatchEncoder:
 # --------------------------------------------------------------------------------------------
 # weights
 # --------------------------------------------------------------------------------------------
-def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
-    """Hex sha256 of a file, read in 8 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors from a local ``.safetensors``, ``.bin``, ``.pt`` or ``.pth`` file (never pickled
     code: ``weights_only=True``). Unwraps ``{'state_dict': ...}`` / ``{'model': ...}`` and strips a
