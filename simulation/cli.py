@@ -26,6 +26,7 @@ from tdamil.federation.task import build_model, load_arrays
 from tdamil.logs import setup_logging
 from tdamil.simulation.compare import compare
 from tdamil.simulation.config import SimConfig, load_sim_config
+from tdamil.simulation.crossval import crossval
 from tdamil.simulation.engines import run_federation
 from tdamil.simulation.sites import build_sites
 
@@ -35,7 +36,9 @@ __all__ = ["simulate", "main"]
 
 
 def simulate(cfg: SimConfig, *, resume: bool = False, out_dir: Optional[Path] = None) -> dict[str, Any]:
-    """Run the simulation described by ``cfg``; returns a summary dict."""
+    """Run the simulation described by ``cfg`` (every fold with ``folds: k``); returns a summary dict."""
+    if cfg.folds >= 2 and cfg.fold is None:
+        return crossval(cfg, simulate, out_dir=out_dir, resume=resume)
     out = Path(out_dir or cfg.output_dir).resolve()
     if cfg.torch_threads:
         torch.set_num_threads(int(cfg.torch_threads))
@@ -67,6 +70,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--ray-address", default=None, metavar="HOST:PORT",
                         help="run on this Ray cluster (host:port of `ray start --head`, or auto); implies --engine ray")
     parser.add_argument("--no-baselines", action="store_true", help="skip the centralised / local-only baselines")
+    parser.add_argument("--folds", type=int, default=None, help="override folds (k-fold CV; 0 = one split)")
+    parser.add_argument("--fold", type=int, default=None, help="run only this fold (0-based)")
     parser.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -80,6 +85,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         overrides.update({"engine": "ray", "ray.address": args.ray_address})
     if args.no_baselines:
         overrides["baselines"] = False
+    for key in ("folds", "fold"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
     try:
         cfg = load_sim_config(args.config, overrides)
     except ConfigError as exc:
@@ -92,8 +100,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     out = Path(summary["out_dir"])
     print(f"\nFederation finished in {summary['federation_seconds']:.1f} s; everything in {out}/")
-    if (out / "comparison.md").exists():
-        print((out / "comparison.md").read_text(encoding="utf-8"))
+    for report in ("cv_summary.md", "comparison.md"):  # the CV summary when there is one
+        if (out / report).exists():
+            print((out / report).read_text(encoding="utf-8"))
+            break
     return 0
 
 

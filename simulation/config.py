@@ -136,6 +136,10 @@ class SimConfig:
     baselines: also run centralised and local-only training at the same budget; privacy: DP;
     torch_threads: CPU threads for torch (1: small MIL models run fastest single-threaded, and
     oversubscribed cores slow multi-threaded torch down by orders of magnitude; null = torch's default).
+    folds: 0 = one split per site; k >= 2 = federated k-fold cross-validation: the whole federation
+    (and the baselines) runs once per fold, folds by patient and stratified within each site,
+    held-out cohorts never split (``tdamil.simulation.folds``, ``tdamil.simulation.crossval``);
+    fold: run only this fold (0-based; null = all folds).
     """
 
     model: dict[str, Any] = field(default_factory=lambda: {"name": "tdamil", "dim": 64, "depth": 1, "num_heads": 4})
@@ -151,6 +155,8 @@ class SimConfig:
     baselines: bool = True
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     torch_threads: Optional[int] = 1
+    folds: int = 0
+    fold: Optional[int] = None
 
     def __post_init__(self) -> None:
         # One source for the device: what the sites reserve. A contradicting train.device is an
@@ -170,4 +176,9 @@ def load_sim_config(path: str | Path, overrides: dict[str, Any] | None = None) -
     cfg.output_dir = Path(cfg.output_dir).resolve()  # logs show /work/runs/x, not /work/configs/../runs/x
     if cfg.data.source == "manifest" and not Path(cfg.data.manifest.data.manifest).is_file():
         raise ConfigError(f"{path}: 'data.manifest.data.manifest' file {cfg.data.manifest.data.manifest} not found.")
+    if cfg.folds == 1 or cfg.folds < 0:
+        raise ConfigError(f"{path}: 'folds' is {cfg.folds}; use 0 (one split per site) or k >= 2 (k-fold CV).")
+    if cfg.fold is not None and not 0 <= cfg.fold < max(cfg.folds, 1):
+        raise ConfigError(f"{path}: 'fold' is {cfg.fold} but folds is {cfg.folds}; use 0..{cfg.folds - 1} with "
+                          "folds >= 2, or remove 'fold'.")
     return cfg

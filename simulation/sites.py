@@ -13,6 +13,7 @@ from tdamil.federation.data import cohort_datasets, load_manifest_frame, split_d
 from tdamil.federation.task import SiteData
 from tdamil.security.dp import dp_client_mods
 from tdamil.simulation.config import SimConfig
+from tdamil.simulation.folds import fold_datasets
 from tdamil.simulation.resources import record_placement
 
 __all__ = ["SimSites", "build_sites", "SimSiteProvider"]
@@ -26,7 +27,9 @@ class SimSites:
 
 
 def build_sites(cfg: SimConfig) -> SimSites:
-    """The simulated sites and held-out cohorts described by ``cfg.data``."""
+    """The simulated sites and held-out cohorts described by ``cfg.data`` (of fold ``cfg.fold`` with folds)."""
+    if cfg.folds >= 2:
+        return SimSites(*fold_datasets(cfg, cfg.fold or 0))
     if cfg.data.source == "digits":
         d = cfg.data.digits
         made = make_digits_sites(d.bags, d.num_sites, label_skew=d.label_skew, size_skew=d.size_skew,

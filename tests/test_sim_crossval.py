@@ -1,0 +1,111 @@
+"""Federated k-fold CV: patient-level folds stratified within each site, held-out cohorts never
+split, a manifest fold column honoured; the summary's mean +- sd over folds."""
+
+from __future__ import annotations
+
+import math
+
+import h5py
+import numpy as np
+import pytest
+
+from tdamil.config import ConfigError
+from tdamil.simulation.config import load_sim_config
+from tdamil.simulation.crossval import summarise_folds
+from tdamil.simulation.folds import fold_datasets
+
+
+def _manifest_task(tmp_path, fold_column=False):
+    """Two sites (A: 12 patients x 2 slides, B: 15 patients x 1 slide) and a held-out cohort H (6)."""
+    feats = tmp_path / "features"
+    feats.mkdir()
+    with h5py.File(tmp_path / "t.h5", "w") as f:
+        f["features"] = np.ones((3, 4), np.float32)
+    rows = ["slide_id,patient_id,label,cohort" + (",fold" if fold_column else "")]
+    for cohort, patients, per in (("A", 12, 2), ("B", 15, 1), ("H", 6, 1)):
+        for p in range(patients):
+            for s in range(per):
+                sid = f"{cohort}{p}_{s}"
+                (feats / f"{sid}.h5").hardlink_to(tmp_path / "t.h5")
+                rows.append(f"{sid},{cohort}{p},{'pos' if p % 3 == 0 else 'neg'},{cohort}" + (f",{p % 3}" if fold_column else ""))
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    cfg = tmp_path / "sim.yaml"
+    cfg.write_text(f"""
+model: {{name: tdamil, dim: 16, depth: 1, num_heads: 2}}
+folds: 3
+data:
+  source: manifest
+  manifest:
+    data: {{manifest: m.csv, features_dir: features}}
+    sites: [A, B]
+    held_out: [H]
+    val_fraction: 0.25
+federation: {{rounds: 1, min_sites: 2}}
+""")
+    return load_sim_config(cfg)
+
+
+def test_manifest_folds_are_patient_level_stratified_and_cover_each_site_once(tmp_path):
+    cfg = _manifest_task(tmp_path)
+    tested = {"A": [], "B": []}
+    for fold in range(3):
+        sites, held, _ = fold_datasets(cfg, fold)
+        assert list(held) == ["H"] and len(held["H"]) == 6  # never split
+        for name, site in sites.items():
+            sets = [set(site.train.patient_ids), set(site.val.patient_ids), set(site.test.patient_ids)]
+            assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+            assert len(site.val) > 0 and 0 < sum(site.test.labels) < len(site.test)
+            tested[name] += site.test.slide_ids
+        a_test = sites["A"].test.slide_ids
+        assert all(f"{s[:-1]}{1 - int(s[-1])}" in a_test for s in a_test)  # both slides of a patient together
+    assert sorted(tested["A"]) == sorted(f"A{p}_{s}" for p in range(12) for s in range(2))
+    assert sorted(tested["B"]) == sorted(f"B{p}_0" for p in range(15))
+    with pytest.raises(ConfigError, match="fold 3 does not exist"):
+        fold_datasets(cfg, 3)
+
+
+def test_manifest_fold_column_fixes_the_folds(tmp_path):
+    cfg = _manifest_task(tmp_path, fold_column=True)
+    sites, _, _ = fold_datasets(cfg, 1)
+    assert sorted(set(sites["B"].test.patient_ids)) == sorted(f"B{p}" for p in range(15) if p % 3 == 1)
+
+
+def test_fold_setting_is_checked(tmp_path):
+    (tmp_path / "bad.yaml").write_text("folds: 1\n")
+    with pytest.raises(ConfigError, match="'folds' is 1"):
+        load_sim_config(tmp_path / "bad.yaml")
+    (tmp_path / "bad2.yaml").write_text("folds: 3\nfold: 3\n")
+    with pytest.raises(ConfigError, match="'fold' is 3"):
+        load_sim_config(tmp_path / "bad2.yaml")
+
+
+def test_digits_folds_pool_each_sites_bags(tmp_path):
+    (tmp_path / "d.yaml").write_text("""
+folds: 4
+data: {source: digits, digits: {num_sites: 2, site_test_bags: 8, bags: {num_train_bags: 12, num_val_bags: 4, num_test_bags: 10}}}
+federation: {rounds: 1, min_sites: 2}
+""")
+    cfg = load_sim_config(tmp_path / "d.yaml")
+    seen = []
+    for fold in range(4):
+        sites, held, _ = fold_datasets(cfg, fold)
+        assert len(held["held_out"]) == 10
+        site = sites["site_a"]
+        assert len(site.train) + len(site.val) + len(site.test) == 24 and len(site.test) == 6
+        seen += site.test.slide_ids
+    assert len(set(seen)) == 24
+
+
+def test_summary_mean_and_sample_sd_over_folds():
+    def row(target, auc):
+        r = {"evaluated_on": target, "slides": 10}
+        for m in ("federated", "centralised", "local_own"):
+            for k in ("auroc", "balanced_accuracy", "f1"):
+                r[f"{m}_{k}"] = auc
+        r["local_mean_auroc"] = auc
+        return r
+    s = summarise_folds([[row("a", 0.7), row("held-out:h", 0.6)], [row("a", 0.9), row("held-out:h", 0.8)]])
+    fed = s["per_target"]["a"]["federated_auroc"]
+    assert fed["mean"] == pytest.approx(0.8) and fed["sd"] == pytest.approx(math.sqrt(0.02))  # ddof 1
+    assert s["per_target"]["held-out:h"]["local_own_f1"]["folds"] == [0.6, 0.8]
+    assert s["site_mean_auroc"]["federated_auroc"]["mean"] == pytest.approx(0.8)  # held-out excluded
