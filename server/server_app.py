@@ -67,12 +67,11 @@ def _privacy(setup: RunSetup, strategy: Any, num_sites: int) -> tuple[Any, Optio
     """Wrap the strategy for DP and return an epsilon(round) function (only when enabled)."""
     if setup.privacy is None or not getattr(setup.privacy, "enabled", False):
         return strategy, None
-    from tdamil.security.dp import PrivacyAccountant, dp_server_strategy  # noqa: PLC0415
+    from tdamil.security.dp import dp_server_strategy  # noqa: PLC0415
 
     rate = min(1.0, setup.federation.fraction_sites)
     wrapped = dp_server_strategy(strategy, setup.privacy, num_sites, sampling_rate=rate)
-    accountant = getattr(wrapped, "site_accountant", None) or PrivacyAccountant(setup.privacy, rate)
-    return wrapped, accountant.epsilon
+    return wrapped, wrapped.site_accountant.epsilon
 
 
 def run_federated(grid: Grid, setup: RunSetup) -> RunResult:
