@@ -173,7 +173,7 @@ def test_zero_channel_matrix_makes_step_two_equal_step_one():
     # ... and TDA-MIL then equals the transformer_mil ablation with the same weights.
     plain = create_model({"name": "transformer_mil", "dim": DIM, "depth": 2, "num_heads": HEADS}, IN_DIM, CLASSES)
     missing, unexpected = plain.double().load_state_dict(model.state_dict(), strict=False)
-    assert not missing and set(unexpected) == {"task_token", "channel_matrix"} | {
+    assert not missing and set(unexpected) == {"task_token", "task_token_ready", "channel_matrix"} | {
         k for k in model.state_dict() if k.startswith("decoder.")
     }
     torch.testing.assert_close(plain.eval()(X).logits, trace.logits)
@@ -253,3 +253,109 @@ def test_config_rejects_invalid_values():
     with pytest.raises(ConfigError, match="dropout"):
         model_config_from_dict({"name": "tdamil", "dropout": 1.5})
     assert TDAMILConfig().dim == 512 and TDAMILConfig().depth == 2 and TDAMILConfig().num_heads == 8
+
+
+# ----------------------------------------------------------------------------- selection training (issue #8)
+def _offset_features(seed: int, n: int = 30, d: int = IN_DIM) -> torch.Tensor:
+    """Features with a large shared offset, as foundation-model features have."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    return 4.0 + torch.randn(1, n, d, generator=g)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_fresh_default_model_selects_and_trains_t_from_any_seed(seed):
+    torch.manual_seed(seed)
+    model = create_model({"name": "tdamil", "dim": DIM, "depth": 1, "num_heads": HEADS}, IN_DIM, 2).train()
+    out = model(_offset_features(seed))
+    loss = torch.nn.functional.cross_entropy(out.logits, torch.tensor([1])) + model.auxiliary_loss(out, torch.tensor([1]))
+    loss.backward()
+    assert float((out.scores == 0).float().mean()) < 0.5
+    assert model.task_token.grad is not None and float(model.task_token.grad.abs().sum()) > 0
+    assert float(model.task_token_ready) == 1.0
+
+
+def test_paper_initialisation_is_dead_for_some_seeds_on_offset_features():
+    """The failure the defaults fix: with a random T and the exact clamp gradient, a shared offset
+    puts every cosine of a bag on one side, so some seeds start with every s_i = 0 and no gradient to T."""
+    dead = 0
+    for seed in range(10):
+        torch.manual_seed(seed)
+        cfg = {"name": "tdamil", "dim": DIM, "depth": 1, "num_heads": HEADS, "task_init": "random", "selection_grad": "exact"}
+        model = create_model(cfg, IN_DIM, 2).train()
+        out = model(_offset_features(seed))
+        torch.nn.functional.cross_entropy(out.logits, torch.tensor([1])).backward()
+        if bool((out.scores == 0).all()):
+            dead += 1
+            assert model.task_token.grad is None or float(model.task_token.grad.abs().sum()) == 0
+    assert dead >= 1
+
+
+def test_leaky_gradient_changes_the_backward_pass_only():
+    X = _offset_features(0)
+    results = {}
+    for grad in ("exact", "leaky"):
+        torch.manual_seed(1)
+        cfg = {"name": "tdamil", "dim": DIM, "num_heads": HEADS, "task_init": "random", "selection_grad": grad}
+        model = create_model(cfg, IN_DIM, 2).train()
+        with torch.no_grad():  # T opposite to the mean token: every patch below the clamp
+            model.task_token.copy_(-model.norm(model.run_blocks(model.blocks, *model.embed(X, None)))[0, 1:].mean(0))
+        out = model(X)
+        out.logits.sum().backward()
+        results[grad] = (out.logits.detach(), out.scores.detach(), model.task_token.grad)
+    assert torch.all(results["exact"][1] == 0)
+    torch.testing.assert_close(results["exact"][0], results["leaky"][0], rtol=0, atol=0)
+    assert results["exact"][2] is None or float(results["exact"][2].abs().sum()) == 0
+    assert float(results["leaky"][2].abs().sum()) > 0
+
+
+def test_data_init_happens_once_in_training_only_and_travels_in_the_state_dict():
+    torch.manual_seed(0)
+    model = create_model({"name": "tdamil", "dim": DIM, "num_heads": HEADS}, IN_DIM, 2)
+    before = model.task_token.detach().clone()
+    model.eval()(_offset_features(0))
+    torch.testing.assert_close(model.task_token.detach(), before)  # evaluation never initialises
+    model.train()(_offset_features(0))
+    after = model.task_token.detach().clone()
+    assert not torch.equal(after, before) and float(model.state_dict()["task_token_ready"]) == 1.0
+    model(_offset_features(1))
+    torch.testing.assert_close(model.task_token.detach(), after)  # only the first bag
+
+
+def test_selection_objective_ties_high_scores_to_the_positive_instances():
+    """A few Adam steps on the selection objective alone: s_i rises on the positive instances, and
+    negative bags end with every s_i = 0."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    signal = torch.randn(IN_DIM, generator=g)
+    bags = []
+    for i in range(16):
+        x = 2.0 + torch.randn(8, IN_DIM, generator=g)
+        y = i % 2
+        if y:
+            x[0] += 2.0 * signal
+        bags.append((x, y))
+    model = create_model({"name": "tdamil", "dim": DIM, "depth": 1, "num_heads": HEADS}, IN_DIM, 2).train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(8):
+        for x, y in bags:
+            out = model(x[None])
+            opt.zero_grad()
+            model.auxiliary_loss(out, torch.tensor([y])).backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        scores = [model(x[None]).scores[0] for x, _ in bags]
+    for (x, y), s in zip(bags, scores):
+        if y:
+            assert int(s.argmax()) == 0 and float(s[0]) > 0
+        else:
+            assert torch.all(s == 0)
+
+
+def test_selection_options_are_validated():
+    from tdamil.config import ConfigError
+
+    for bad in ({"task_init": "zeros"}, {"selection_grad": "none"}, {"selection_slope": 0.0},
+                {"selection_loss_weight": -1.0}, {"selection_margin": 1.0}):
+        with pytest.raises(ConfigError):
+            model_config_from_dict({"name": "tdamil", **bad})

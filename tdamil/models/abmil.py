@@ -70,6 +70,6 @@ class ABMIL(nn.Module):
         a = self.attention_w(gate).squeeze(-1)  # [B, n]
         if mask is not None:
             a = a.masked_fill(~mask, float("-inf"))
-        a = a.softmax(dim=1)
-        z = torch.einsum("bn,bnd->bd", a, h)
-        return MILOutput(logits=self.head(z), scores=a)
+        weights = a.softmax(dim=1)
+        z = torch.einsum("bn,bnd->bd", weights, h)
+        return MILOutput(logits=self.head(z), scores=weights, instance_logits=a)

@@ -1,4 +1,24 @@
-"""The common return type of every MIL model in :mod:`tdamil.models`."""
+"""The common return type of every MIL model in :mod:`tdamil.models`, and what each model's
+per-patch scores mean (the one place that says so).
+
+=================  ====================================================================================
+model              ``scores`` (plotted on heatmaps, ranked by instance metrics)
+=================  ====================================================================================
+tdamil             ``s_i = clamp(cos(x_i,BU, T), 0, 1)``: the paper's feature-selection relevance, an
+                   absolute value in [0, 1] comparable across slides. With the default training
+                   (``selection_loss_weight > 0``) ``s_i > 0`` means "evidence for the positive
+                   class" and a negative slide may have every ``s_i = 0``. Plotted on a fixed [0, 1]
+                   scale; pooled instance AUROC uses ``s_i`` itself.
+abmil,             attention weights ``a_i = softmax_i(...)``: they sum to 1 over a bag, so a patch of
+gated_abmil        a 10-patch bag and one of a 10k-patch bag are not comparable. Heatmaps show them as
+                   "attention" scaled per slide; within-bag metrics (top-1 hit, within-bag AUROC) use
+                   them, pooled instance AUROC uses ``instance_logits`` (the pre-softmax logits,
+                   which rank patches identically within a bag and are comparable across bags).
+transformer_mil,   no per-patch scores (``None``): their CLS attention is spread over heads and
+transmil,          layers and is not exposed by the memory-efficient attention kernel. No instance
+mean_pool          metrics are reported for them.
+=================  ====================================================================================
+"""
 
 from __future__ import annotations
 
@@ -16,10 +36,17 @@ class MILOutput:
     Attributes:
         logits: ``[B, num_classes]`` unnormalised class scores (apply softmax for probabilities).
         scores: ``[B, n]`` per-patch relevance, aligned with the input patches, or ``None`` for
-            models without one (mean pooling, plain transformer). TDA-MIL gives its feature-selection
-            scores ``s_i`` in ``[0, 1]``; ABMIL its attention weights (summing to 1 per bag).
-            Padded positions (``mask`` False) are 0.
+            models without one (see the module docstring for each model's meaning). Padded positions
+            (``mask`` False) are 0.
+        instance_logits: ``[B, n]`` per-patch scores comparable across bags where ``scores`` are not
+            (ABMIL's pre-softmax attention logits; -inf at padding), else ``None``.
+        selection_logit: ``[B]`` TDA-MIL's bag-level selection logit
+            (``selection_temperature * (max_i cos(x_i,BU, T) - selection_margin)``), the input of its
+            auxiliary objective;
+            ``None`` for the other models.
     """
 
     logits: torch.Tensor
     scores: torch.Tensor | None = None
+    instance_logits: torch.Tensor | None = None
+    selection_logit: torch.Tensor | None = None

@@ -100,6 +100,34 @@ class TDAMILConfig(TransformerMILConfig):
             top-down signal). False (default): only patches are scored; the CLS token's ``x_TD`` is 0.
         decoder_ratio: hidden width of the top-down MLP decoder as a multiple of ``dim`` (2.0).
         decoder_bias: biases in the decoder (False, so ``s_i = 0`` gives ``x_i,TD = 0``).
+
+    Training of the selection (issue #8; none of these changes the forward equations
+    ``s_i = clamp(cos(x_i,BU, T), 0, 1)``; measured in ``benchmarks/digits_selection.md``):
+
+        task_init: how ``T`` starts. ``"data"`` (default): on the first forward pass in training mode
+            ``T`` is set to the mean direction of that bag's bottom-up patch tokens, so every patch
+            starts with ``s_i > 0`` whatever the seed or a shared offset of the features (a buffer,
+            ``task_token_ready``, records that it happened; a checkpoint carries it). ``"random"``:
+            truncated normal (std 0.02), where 0-99 % of ``s_i`` start at 0 depending on the seed.
+        selection_grad: gradient of the clamp in the BACKWARD pass. ``"exact"``: the true gradient
+            (0 outside ``[0, 1]``, so a patch at ``s_i = 0`` sends no gradient to ``T``). ``"leaky"``
+            (default): outside ``[0, 1]`` the gradient is ``selection_slope`` times the cosine's, so a
+            selection that went dead can come back. The forward value is the exact clamp.
+        selection_slope: the leaky slope (0.1).
+        selection_loss_weight: weight of the auxiliary MIL objective on the selection (1.0; 0 = off):
+            binary cross-entropy between ``selection_temperature * (max_i cos(x_i,BU, T) - selection_margin)``
+            (the raw cosine, before the clamp, over the real patches) and "the bag is positive". It
+            ties the sign of the selection to the positive class: ``s_i`` rises on evidence for it;
+            in a confidently negative bag every cosine is pushed below 0 (all ``s_i = 0``), in a
+            positive bag the most relevant patch well above 0.
+            Positive = label 1 for two classes; for more classes, any label other than 0 (class 0 is
+            the normal/negative class), so ``T`` is relevant to "any abnormal class", not to one class.
+            Added to the loss by :func:`tdamil.train.engine.train_one_epoch` (see :meth:`TDAMIL.auxiliary_loss`).
+        selection_temperature: the scale of the cosine in that objective (10.0: a cosine 0.3 away
+            from the margin is a logit of +-3).
+        selection_margin: the cosine at which that objective is undecided (0.25). Above 0, so a bag
+            the objective finds borderline still shows its most relevant patches (``s_i`` in
+            ``(0, margin)``) instead of a blank map; only a confidently negative bag is all 0.
     """
 
     name: Literal["tdamil"] = "tdamil"  # type: ignore[assignment]
@@ -108,11 +136,27 @@ class TDAMILConfig(TransformerMILConfig):
     select_cls: bool = False
     decoder_ratio: float = 2.0
     decoder_bias: bool = False
+    task_init: Literal["data", "random"] = "data"
+    selection_grad: Literal["leaky", "exact"] = "leaky"
+    selection_slope: float = 0.1
+    selection_loss_weight: float = 1.0
+    selection_temperature: float = 10.0
+    selection_margin: float = 0.25
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.decoder_ratio <= 0:
             raise ValueError(f"decoder_ratio must be > 0, got {self.decoder_ratio}")
+        if self.task_init not in ("data", "random"):
+            raise ValueError(f"task_init must be 'data' or 'random', got {self.task_init!r}")
+        if self.selection_grad not in ("leaky", "exact"):
+            raise ValueError(f"selection_grad must be 'leaky' or 'exact', got {self.selection_grad!r}")
+        if not 0.0 < self.selection_slope <= 1.0:
+            raise ValueError(f"selection_slope must be in (0, 1], got {self.selection_slope}")
+        if self.selection_loss_weight < 0 or self.selection_temperature <= 0:
+            raise ValueError("selection_loss_weight must be >= 0 and selection_temperature > 0")
+        if not -1.0 < self.selection_margin < 1.0:
+            raise ValueError(f"selection_margin must be in (-1, 1), got {self.selection_margin}")
 
 
 def check_bag_input(
@@ -217,7 +261,8 @@ class TDAMILTrace:
     """Intermediate tensors of one TDA-MIL forward pass (for tests, heatmaps and debugging).
 
     ``tokens`` = ``x_0`` ``[B, n+1, d]``; ``x_bu`` = step-I output after LayerNorm ``[B, n+1, d]``;
-    ``scores`` = ``s_i`` ``[B, n]`` (patches only, 0 at padding); ``cls_score`` = ``s_CLS`` ``[B]``
+    ``scores`` = ``s_i`` ``[B, n]`` (patches only, 0 at padding); ``cosine`` = ``cos(x_i,BU, T)``
+    before the clamp ``[B, n]`` (-inf at padding); ``cls_score`` = ``s_CLS`` ``[B]``
     or ``None`` when the CLS token does not take part; ``x_td`` ``[B, n+1, d]``; ``x_out`` = step-II
     output after LayerNorm ``[B, n+1, d]``; ``logits`` ``[B, c]``.
     """
@@ -225,6 +270,7 @@ class TDAMILTrace:
     tokens: torch.Tensor
     x_bu: torch.Tensor
     scores: torch.Tensor
+    cosine: torch.Tensor
     cls_score: torch.Tensor | None
     x_td: torch.Tensor
     x_out: torch.Tensor
@@ -245,6 +291,9 @@ class TDAMIL(TransformerMIL):
         d = cfg.dim
         self.task_token = nn.Parameter(torch.empty(d))
         nn.init.trunc_normal_(self.task_token, std=0.02)
+        # 1.0 once T holds its initial value (always for task_init "random"; after the first
+        # training bag for "data"). A buffer, so checkpoints and federated weights carry it.
+        self.register_buffer("task_token_ready", torch.tensor(float(cfg.task_init == "random")))
         init = torch.eye(d) if cfg.channel_init == "identity" else torch.zeros(d, d)
         self.channel_matrix = nn.Parameter(init)
         self.decoder = Mlp(d, max(1, int(round(d * cfg.decoder_ratio))), d, drop=cfg.dropout, bias=cfg.decoder_bias)
@@ -252,27 +301,58 @@ class TDAMIL(TransformerMIL):
         self.blocks_td: nn.ModuleList | None = None if cfg.share_weights else self._make_blocks(cfg)
         self.norm_td: nn.LayerNorm | None = None if cfg.share_weights else nn.LayerNorm(d)
 
-    def select(self, x_bu: torch.Tensor, token_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    @torch.no_grad()
+    def _init_task_token(self, x_bu: torch.Tensor, token_mask: torch.Tensor | None) -> None:
+        """``task_init="data"``: T = mean direction of the batch's bottom-up patch tokens (once).
+
+        Why: tokens share a common direction (a shared offset of the features survives the
+        projection and the blocks), so with a random T every cosine of a bag has the same sign and
+        for about half of the seeds all ``s_i`` are 0 and no gradient reaches T. Along the mean
+        direction every patch starts selected; the auxiliary objective then teaches T which to drop.
+        """
+        patches = x_bu[:, 1:]
+        keep = torch.ones(patches.shape[:2], dtype=patches.dtype, device=patches.device)
+        if token_mask is not None:
+            keep = token_mask[:, 1:].to(patches.dtype)
+        mean = (patches * keep.unsqueeze(-1)).sum(dim=(0, 1)) / keep.sum().clamp_min(1.0)
+        self.task_token.copy_(F.normalize(mean.float(), dim=0).to(self.task_token.dtype))
+        self.task_token_ready.fill_(1.0)
+
+    def _clamp(self, cos: torch.Tensor) -> torch.Tensor:
+        """``clamp(cos, 0, 1)`` in the forward pass; with ``selection_grad="leaky"`` the backward
+        pass gives ``selection_slope`` x the gradient outside ``[0, 1]`` instead of 0."""
+        s = cos.clamp(0.0, 1.0)
+        if self.cfg.selection_grad == "leaky" and torch.is_grad_enabled():
+            outside = ((cos < 0) | (cos > 1)).to(cos.dtype)
+            s = s + self.cfg.selection_slope * outside * (cos - cos.detach())  # exactly 0 forward
+        return s
+
+    def select(
+        self, x_bu: torch.Tensor, token_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Feature selection: ``s = clamp(cos(x_BU, T), 0, 1)`` and ``x_TD = Dec(C (s x_BU))``.
 
-        Returns ``(s, x_td)`` with ``s`` ``[B, n+1]`` (index 0 = CLS, 0 unless ``select_cls``; 0 at
-        padding) and ``x_td`` ``[B, n+1, d]`` (0 wherever ``s`` does not apply).
+        Returns ``(s, cos, x_td)`` with ``s`` ``[B, n+1]`` (index 0 = CLS, 0 unless ``select_cls``;
+        0 at padding), the unclamped cosine ``cos`` ``[B, n+1]`` and ``x_td`` ``[B, n+1, d]`` (0
+        wherever ``s`` does not apply).
         """
-        s = F.cosine_similarity(x_bu, self.task_token.view(1, 1, -1), dim=-1, eps=1e-8).clamp(0.0, 1.0)
-        keep = torch.ones_like(s, dtype=torch.bool) if token_mask is None else token_mask.clone()
+        if self.training and not bool(self.task_token_ready):
+            self._init_task_token(x_bu, token_mask)
+        cos = F.cosine_similarity(x_bu, self.task_token.view(1, 1, -1), dim=-1, eps=1e-8)
+        keep = torch.ones_like(cos, dtype=torch.bool) if token_mask is None else token_mask.clone()
         if not self.cfg.select_cls:
             keep[:, 0] = False
-        s = s * keep
+        s = self._clamp(cos) * keep
         rescaled = (s.unsqueeze(-1) * x_bu) @ self.channel_matrix.t()
         x_td = self.decoder(rescaled) * keep.unsqueeze(-1)
-        return s, x_td
+        return s, cos, x_td
 
     def forward_trace(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> TDAMILTrace:
         """Run the model and return every intermediate (see :class:`TDAMILTrace`)."""
         x, mask = check_bag_input(x, mask, self.in_dim)
         tokens, token_mask = self.embed(x, mask)
         x_bu = self.norm(self.run_blocks(self.blocks, tokens, token_mask))  # step I
-        s, x_td = self.select(x_bu, token_mask)
+        s, cos, x_td = self.select(x_bu, token_mask)
         blocks_td = self.blocks if self.blocks_td is None else self.blocks_td
         norm_td = self.norm if self.norm_td is None else self.norm_td
         x_out = norm_td(self.run_blocks(blocks_td, tokens, token_mask, td=x_td))  # step II
@@ -280,6 +360,7 @@ class TDAMIL(TransformerMIL):
             tokens=tokens,
             x_bu=x_bu,
             scores=s[:, 1:],
+            cosine=cos[:, 1:] if token_mask is None else cos[:, 1:].masked_fill(~token_mask[:, 1:], float("-inf")),
             cls_score=s[:, 0] if self.cfg.select_cls else None,
             x_td=x_td,
             x_out=x_out,
@@ -289,7 +370,19 @@ class TDAMIL(TransformerMIL):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         """``x`` float ``[B, n, D]``; ``mask`` bool ``[B, n]`` (True = real patch).
 
-        Returns :class:`MILOutput` with ``scores = s_i`` over the patches (``[B, n]``, in ``[0, 1]``).
+        Returns :class:`MILOutput` with ``scores = s_i`` over the patches (``[B, n]``, in ``[0, 1]``)
+        and ``selection_logit`` = ``selection_temperature * (max_i cos(x_i,BU, T) - selection_margin)`` ``[B]``.
         """
         trace = self.forward_trace(x, mask)
-        return MILOutput(logits=trace.logits, scores=trace.scores)
+        top = trace.cosine.max(dim=1).values
+        logit = self.cfg.selection_temperature * (top - self.cfg.selection_margin)
+        return MILOutput(logits=trace.logits, scores=trace.scores, selection_logit=logit)
+
+    def auxiliary_loss(self, out: MILOutput, target: torch.Tensor) -> torch.Tensor | None:
+        """The selection objective (``selection_loss_weight`` x BCE of ``selection_logit`` against
+        "label != 0"), or None when it is off. ``target`` holds class indices ``[B]``."""
+        if self.cfg.selection_loss_weight == 0 or out.selection_logit is None:
+            return None
+        positive = (target != 0).to(out.selection_logit.dtype)
+        bce = F.binary_cross_entropy_with_logits(out.selection_logit.float(), positive.float())
+        return self.cfg.selection_loss_weight * bce
