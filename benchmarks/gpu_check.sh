@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# GPU readiness check (issue #10): default TDA-MIL fwd+bwd at 10k/50k/100k patches (fp32, bf16),
+# the extraction pipeline with a UNI-shaped ViT-L/16 (random weights from a local file) on ~5k
+# patches of the repository's slide, and the digits simulation on the GPU. Budget: <= 8 min on one
+# H100/H200. Results: benchmarks/results/gpu_check_<step>.json.
+#
+#   benchmarks/gpu_check.sh            # GPU (cuda when available)
+#   benchmarks/gpu_check.sh --tiny     # CPU-sized, for CI (also TDAMIL_GPU_CHECK_TINY=1)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+export FLWR_TELEMETRY_ENABLED=0
+if [ "${1:-}" = "--tiny" ] || [ "${TDAMIL_GPU_CHECK_TINY:-0}" = "1" ]; then
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+fi
+"$PY" - <<'PY' || true
+import torch
+print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+PY
+timeout 420 "$PY" benchmarks/gpu_ray_share.py || true  # issue 14: two Ray sites share the GPU (num_gpus 0.5)
+exec timeout 480 "$PY" benchmarks/gpu_check.py "$@"
