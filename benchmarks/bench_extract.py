@@ -14,7 +14,7 @@ Measured, in one process and one run:
 * encoder only: uint8 512x512 patches already in memory -> ``encoder(batch)`` (its resize and
   normalisation included), batch after batch, as many patches as the pipeline encodes;
 * pipeline: :func:`tdamil.wsi.extract.extract_slides` on the slides (open, tissue mask, grid,
-  DataLoader reading, encoding, h5 writing, QC picture);
+  DataLoader reading, encoding, h5 writing, QC pictures and tissue GeoJSON);
 * per-slide overhead = (pipeline time - encoder-only time for the same patches) / slides, and
   its measured parts: open + tissue mask + grid + QC picture, h5 write; plus the time to read
   one patch serially (what DataLoader workers hide behind a GPU).
@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="openslide", choices=["openslide", "tiffslide", "auto"])
     p.add_argument("--repeats", type=int, default=2, help="pipeline runs, interleaved with encoder-only runs")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--pictures", type=Path, default=None,
+                   help="copy the last run's QC pictures (overlay, tissue mask, grid, tissue GeoJSON) here")
     args = p.parse_args(argv)
 
     device = _resolve_device(args.device)
@@ -146,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             pipe_cpu.append(cpu_seconds() - c0)
             assert summary.ok and summary.n_patches == n, (summary.n_patches, n, [r.reason for r in summary.failed])
         enc_runs.append(encoder_only())
+        if args.pictures is not None:
+            shutil.copytree(work / f"features{args.repeats - 1}" / "qc", args.pictures, dirs_exist_ok=True)
         # each pipeline run against the mean of the encoder-only runs just before and after it
         bracket = [(enc_runs[i] + enc_runs[i + 1]) / 2 for i in range(len(pipe_runs))]
         ratios = [b / p for b, p in zip(bracket, pipe_runs)]
