@@ -117,7 +117,7 @@ def try_claim(features_dir: Path, slide_id: str, stale_s: float = 1800.0) -> Opt
     if _read(moved) != info:  # we moved a newer claim than the one judged stale: put it back
         try:
             os.link(moved, path)
-        except FileExistsError:
+        except OSError:  # taken again meanwhile, or no hard links on this file system: leave it
             pass
         moved.unlink(missing_ok=True)
         return None
