@@ -109,3 +109,36 @@ def test_summary_mean_and_sample_sd_over_folds():
     assert fed["mean"] == pytest.approx(0.8) and fed["sd"] == pytest.approx(math.sqrt(0.02))  # ddof 1
     assert s["per_target"]["held-out:h"]["local_own_f1"]["folds"] == [0.6, 0.8]
     assert s["site_mean_auroc"]["federated_auroc"]["mean"] == pytest.approx(0.8)  # held-out excluded
+
+
+def test_crossval_runs_every_fold_and_writes_the_summary(tmp_path):
+    """The loop over folds with a stand-in for the per-fold simulation (the real one is tested in
+    tests/test_paper_configs.py and tests/test_simulation.py)."""
+    import csv
+    import json
+    from dataclasses import replace as dc_replace
+
+    from tdamil.simulation.config import SimConfig
+    from tdamil.simulation.crossval import crossval
+
+    calls = []
+
+    def one_fold(cfg, *, resume, out_dir):
+        calls.append((cfg.fold, out_dir))
+        r = {"evaluated_on": "site_a", "slides": 10, "patients": 10}
+        for m in ("federated", "centralised", "local_own"):
+            for k in ("auroc", "balanced_accuracy", "f1"):
+                r.update({f"{m}_{k}": 0.7 + 0.1 * cfg.fold, f"{m}_{k}_ci_low": 0.5, f"{m}_{k}_ci_high": 0.95})
+        r["local_mean_auroc"] = 0.6
+        return {"out_dir": str(out_dir), "federation_seconds": 1.0, "comparison": [r]}
+
+    cfg = dc_replace(SimConfig(), folds=3, output_dir=tmp_path)
+    summary = crossval(cfg, one_fold)
+    assert [c[0] for c in calls] == [0, 1, 2] and calls[2][1] == tmp_path / "fold_2"
+    doc = json.loads((tmp_path / "cv_summary.json").read_text())
+    assert doc["per_target"]["site_a"]["federated_auroc"]["mean"] == pytest.approx(0.8)
+    assert doc["per_target"]["site_a"]["federated_auroc"]["sd"] == pytest.approx(0.1)
+    md = (tmp_path / "cv_summary.md").read_text()
+    assert "| site_a | 0.800 ± 0.100 |" in md and "| 2 | site_a | 10 | 0.900 (0.500-0.950) |" in md
+    assert [r["fold"] for r in csv.DictReader(open(tmp_path / "cv_folds.csv"))] == ["0", "1", "2"]
+    assert summary["federation_seconds"] == 3.0
