@@ -32,6 +32,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, S
 from tdamil.atomic import atomic_path
 from tdamil.checkpoint import save_checkpoint
 from tdamil.data.bags import BagDataset, class_counts
+from tdamil.train.instance_metrics import instance_metrics
 from tdamil.train.metrics import classification_metrics, higher_is_better, nan_metrics
 
 logger = logging.getLogger(__name__)
@@ -131,7 +132,10 @@ class EvalResult:
     probs:     ``[n, C]`` class probabilities per slide.
     labels:    ``[n]`` true labels.
     slide_ids: slide names, in dataset order.
-    scores:    per-slide patch relevance ``[n_i]`` (TDA-MIL's s_i, ABMIL's attention) or None.
+    scores:    per-slide patch relevance ``[n_i]`` (TDA-MIL's s_i, ABMIL's attention) or None
+               (meaning per model: :mod:`tdamil.models.output`).
+    instance_metrics: :func:`~tdamil.train.instance_metrics.instance_metrics` of the scores where the
+               bags carry instance labels and the model gives scores, else None.
     """
 
     metrics: dict[str, float]
@@ -139,6 +143,7 @@ class EvalResult:
     labels: np.ndarray
     slide_ids: list[str]
     scores: list[Optional[np.ndarray]]
+    instance_metrics: Optional[dict[str, float]] = None
 
     def predictions_table(self, classes: Optional[Sequence[Any]] = None) -> Any:
         """One row per slide: ``slide_id``, ``label``, ``prediction`` and ``prob_<class>`` columns
@@ -275,8 +280,9 @@ def train_one_epoch(
     a module, or tensors in ``model.parameters()`` order.
 
     Returns:
-        ``{"loss": mean cross-entropy, "accuracy": train accuracy, "n": bags, "steps": optimizer
-        steps, "prox": proximal term at the end of the epoch (0 without FedProx)}``.
+        ``{"loss": mean training objective (cross-entropy plus the model's ``auxiliary_loss``, if it
+        has one), "accuracy": train accuracy, "n": bags, "steps": optimizer steps, "prox": proximal
+        term at the end of the epoch (0 without FedProx)}``.
     """
     device = model_device(model)
     n = len(dataset)
@@ -307,8 +313,12 @@ def train_one_epoch(
         group_start = (j // k) * k
         group_size = min(k, n - group_start)
         with _autocast(device, cfg.mixed_precision):
-            logits = _logits(model(x))
+            out = model(x)
+        logits = _logits(out)
         loss = F.cross_entropy(logits.float(), y, weight=weights)
+        aux = model.auxiliary_loss(out, y) if hasattr(model, "auxiliary_loss") else None
+        if aux is not None:  # e.g. TDA-MIL's selection objective (TDAMILConfig.selection_loss_weight)
+            loss = loss + aux
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"training loss is {loss.item()} at slide '{bag.slide_id}' (epoch {epoch}). Lower train.lr, set "
@@ -347,7 +357,7 @@ def evaluate(model: nn.Module, dataset: BagDataset, device: str | torch.device |
         model.to(dev)
     was_training = model.training
     model.eval()
-    probs, labels, ids, scores = [], [], [], []
+    probs, labels, ids, scores, ranking, inst_labels = [], [], [], [], [], []
     try:
         for i in _progress(range(len(dataset)), progress, desc="evaluate", leave=False, unit="bag"):
             bag = dataset[i]
@@ -359,6 +369,9 @@ def evaluate(model: nn.Module, dataset: BagDataset, device: str | torch.device |
             ids.append(bag.slide_id)
             s = getattr(out, "scores", None)
             scores.append(None if s is None else s[0].float().cpu().numpy())
+            r = getattr(out, "instance_logits", None)
+            ranking.append(None if r is None else r[0].float().cpu().numpy())
+            inst_labels.append(None if bag.instance_labels is None else np.asarray(bag.instance_labels))
     finally:
         model.train(was_training)
     c = dataset.num_classes
@@ -388,11 +401,18 @@ def make_lr_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> Optional[
     return parts[0] if parts else None
 
 
-def _improved(value: float, best: float, maximise: bool) -> bool:
+def _improved(value: float, best: float, maximise: bool, loss: float = math.nan, best_loss: float = math.nan) -> bool:
+    """A strictly better monitored value, or an equal one with a strictly lower validation loss.
+
+    The tie-break matters because small validation sets saturate: once val AUROC is 1.0 every later
+    epoch ties, and without it selection would freeze on the first such epoch.
+    """
     if math.isnan(value):
         return False
     if math.isnan(best):
         return True
+    if value == best:
+        return not math.isnan(loss) and (math.isnan(best_loss) or loss < best_loss)
     return value > best if maximise else value < best
 
 
@@ -420,7 +440,9 @@ def fit(
     """Train for up to ``cfg.epochs`` epochs with validation after each.
 
     The best epoch by ``cfg.monitor`` on ``val_ds`` is kept (the last epoch when there is no
-    validation set). Training stops after ``cfg.early_stopping_patience`` epochs without improvement.
+    validation set): a new best needs a strictly better value, or an equal value with a strictly
+    lower validation loss (ties broken by loss; with ``monitor: loss`` plain minimisation).
+    Training stops after ``cfg.early_stopping_patience`` epochs without improvement.
     With ``out_dir``: ``best.pt`` and ``last.pt`` (weights + configs + metrics, written atomically)
     and ``metrics.csv`` (one row per epoch, rewritten after every epoch so an interrupted run keeps
     its history). With ``restore_best`` the model ends with the best epoch's weights.
@@ -463,7 +485,7 @@ def fit(
             vm, value = nan_metrics(0), float("nan")
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
-        is_best = best_epoch < 0 or (not has_val) or _improved(value, best_value, maximise)
+        is_best = best_epoch < 0 or (not has_val) or _improved(value, best_value, maximise, vm["loss"], best_metrics["loss"])
         if is_best:
             best_value, best_epoch, best_metrics, since_best = value, epoch + 1, dict(vm), 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

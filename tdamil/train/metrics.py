@@ -9,6 +9,9 @@ Binary: AUROC of the positive-class probability, F1 of class 1. Multi-class: one
 AUROC over the classes present (NaN if fewer than two), macro F1 over the classes present in labels
 or predictions. Predictions are the arg-max class. ``loss`` is the mean cross-entropy of the
 probabilities.
+
+Patch-level metrics of per-patch scores, where bags carry instance labels, are
+:mod:`tdamil.train.instance_metrics` (reported next to these by ``evaluate``).
 """
 
 from __future__ import annotations
