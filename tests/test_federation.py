@@ -263,18 +263,6 @@ def test_the_run_bundle_carries_configuration_only_and_loads_installed_code(tmp_
     assert repo_cfg["components"] == COMPONENTS
 
 
-def test_gateway_serves_the_fleet_api_only():
-    from starlette.testclient import TestClient
-
-    from tdamil.server.gateway import create_gateway_app
-
-    with TestClient(create_gateway_app("http://127.0.0.1:9")) as client:
-        for path in ("/v1/control/start-run", "/v1/runtime/pull-messages", "/", "/docs"):
-            assert client.post(path, content=b"x").status_code == 404
-        assert client.get("/v1/fleet/pull-messages").status_code == 404  # fleet calls are POSTs
-        assert client.post("/v1/fleet/pull-messages", content=b"x").status_code == 503  # forwarded; upstream down
-
-
 def test_server_config_docstring_model_example_validates():
     import yaml
 
