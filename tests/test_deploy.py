@@ -256,6 +256,8 @@ def test_systemd_units_run_real_commands_hardened(unit, script, tmp_path):
 
 
 def test_nginx_exposes_only_the_fleet_api():
+    from tdamil.server.gateway import FLEET_PATHS
+
     conf = (DEPLOY / "proxy" / "nginx.conf").read_text()
     body = re.sub(r"#.*", "", conf)
     locations = {}
@@ -265,26 +267,40 @@ def test_nginx_exposes_only_the_fleet_api():
             depth += {"{": 1, "}": -1}.get(body[i], 0)
             i += 1
         locations[m.group(1).strip()] = body[m.end():i - 1]
-    proxied = {loc.strip() for loc, block in locations.items() if "proxy_pass" in block}
-    assert proxied == {"/v1/fleet/", "= /health"}
+    proxied = {loc for loc, block in locations.items() if "proxy_pass" in block}
+    assert proxied == {f"= {p}" for p in FLEET_PATHS}  # the gateway's allow-list, exact matches only
+    for loc in proxied:  # POST only, to the same fixed path
+        assert re.fullmatch(rf"\s*limit_except POST {{ deny all; }} proxy_pass https://superlink{loc[2:]};\s*",
+                            locations[loc]), locations[loc]
     assert "return 404" in locations["/"]
-    for loc in proxied:
-        assert "proxy_ssl_verify on" in locations[loc] and "proxy_ssl_trusted_certificate" in locations[loc]
+    # decided on the raw target before any location: no dot, %, backslash, //, ;, query or upper case
+    assert 'if ($request_uri !~ "^/v1/fleet/[a-z-]+$") {' in body
+    assert "if ($request_method != POST) {" in body
+    server = body[body.index("server {"):]
+    assert "proxy_ssl_verify on" in server and "proxy_ssl_trusted_certificate" in server
+    assert "proxy_set_header Host localhost;" in server
     assert "server 127.0.0.1:9093;" in body
-    assert "/v1/control" not in body and "/v1/runtime" not in body
+    assert "/v1/control" not in body and "/v1/runtime" not in body and "/health" not in body
 
 
 def test_envoy_routes_only_the_fleet_api():
+    from tdamil.server.gateway import FLEET_PATHS
+
     cfg = yaml.safe_load((DEPLOY / "proxy" / "envoy.yaml").read_text())
     (listener,) = cfg["static_resources"]["listeners"]
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    # the route sees :path as the client sent it
+    assert hcm["normalize_path"] is False and hcm["merge_slashes"] is False
+    assert hcm["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
-    forwarded = [r["match"] for r in routes if "route" in r]
-    assert forwarded == [
-        {"prefix": "/v1/fleet/", "headers": [{"name": ":method", "string_match": {"exact": "POST"}}]},
-        {"path": "/health"},
-    ]
-    assert routes[-1] == {"match": {"prefix": "/"}, "direct_response": {"status": 404}}
+    (forwarded,) = [r for r in routes if "route" in r]
+    method, path = forwarded["match"]["headers"]
+    assert method == {"name": ":method", "string_match": {"exact": "POST"}}
+    regex = path["string_match"]["safe_regex"]["regex"]
+    assert path["name"] == ":path" and regex.startswith("^/v1/fleet/(") and regex.endswith(")$")
+    assert {f"/v1/fleet/{name}" for name in regex[len("^/v1/fleet/("):-2].split("|")} == FLEET_PATHS
+    assert forwarded["route"]["host_rewrite_literal"] == "localhost"
+    assert routes[-1]["match"] == {"prefix": "/"} and routes[-1]["direct_response"]["status"] == 404
     (cluster,) = cfg["static_resources"]["clusters"]
     addr = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
     assert addr == {"address": "127.0.0.1", "port_value": 9093}
