@@ -29,7 +29,8 @@ from tdamil.federation.grids import PatientGrid
 from tdamil.federation.loop import RoundLoop, RunResult
 from tdamil.federation.run_report import write_run_report
 from tdamil.federation.strategies import build_strategy
-from tdamil.federation.task import ModelSpec, build_model, load_arrays, local_evaluate, model_to_arrays
+from tdamil.federation.records import metric_keys
+from tdamil.federation.task import ModelSpec, build_model, load_arrays, model_to_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +54,21 @@ class RunSetup:
 
 
 def make_heldout_evaluate(spec: ModelSpec, cohorts: dict[str, Any]) -> Callable[[int, ArrayRecord], dict]:
-    """``evaluate_fn(round, arrays) -> {cohort: metrics}`` for the held-out cohorts."""
+    """``evaluate_fn(round, arrays) -> {cohort: metrics}`` for the held-out cohorts, each metric with
+    its 95 % CI (``<metric>_ci_low`` / ``_ci_high``: stratified bootstrap over the cohort's patients)."""
+    from tdamil.stats import bootstrap_ci, interval_columns  # noqa: PLC0415
+    from tdamil.train.engine import evaluate as evaluate_bags  # noqa: PLC0415 - loads scikit-learn
+
     model = build_model(spec, seed=None)
+
+    def with_ci(ds: Any) -> dict[str, float]:
+        res = evaluate_bags(model, ds)
+        metrics = {k: float(res.metrics.get(k, float("nan"))) for k in metric_keys()}
+        return metrics | interval_columns(bootstrap_ci(res.labels, res.probs, ds.patient_ids))
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> dict[str, dict[str, float]]:
         load_arrays(model, arrays)
-        return {name: local_evaluate(model, ds) for name, ds in cohorts.items()}
+        return {name: with_ci(ds) for name, ds in cohorts.items()}
 
     return evaluate
 

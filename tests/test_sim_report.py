@@ -49,3 +49,20 @@ def test_report_has_intervals_everywhere_and_plain_verdicts(tmp_path):
     lo, hi = float(a["federated_auroc_ci_low"]), float(a["federated_auroc_ci_high"])
     assert f"({lo:.3f}-{hi:.3f})" in md
     assert (tmp_path / "plots" / "comparison_held-out_ext.png").stat().st_size > 1000
+
+
+def test_coordinator_heldout_evaluation_reports_intervals():
+    import torch
+
+    from tdamil.data.bags import InMemoryBagDataset
+    from tdamil.federation.task import ModelSpec, build_model, model_to_arrays
+    from tdamil.server.server_app import make_heldout_evaluate
+
+    rng = np.random.default_rng(0)
+    labels = [0, 1] * 10
+    ds = InMemoryBagDataset([rng.normal(size=(3, 6)) + y for y in labels], labels)
+    spec = ModelSpec({"name": "mean_pool"}, in_dim=6)
+    with torch.no_grad():
+        metrics = make_heldout_evaluate(spec, {"ext": ds})(1, model_to_arrays(build_model(spec)))["ext"]
+    assert metrics["n"] == 20 and {"auroc_ci_low", "auroc_ci_high", "f1_ci_low"} <= set(metrics)
+    assert metrics["auroc_ci_low"] <= metrics["auroc"] <= metrics["auroc_ci_high"]
