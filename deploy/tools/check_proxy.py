@@ -6,8 +6,10 @@
 Starts, on 127.0.0.1 with free ports: flower-superlink (TLS, --enable-supernode-auth), nginx with
 the shipped config (only ports, certificate paths and log/pid paths rewritten), registers a site
 key through the loopback Control API, connects a flower-supernode THROUGH the proxy and checks:
-the site comes online; /v1/control/* and /v1/runtime/* answer 404 through the proxy; /health
-answers 200. Everything started is stopped at the end.
+the site comes online; /v1/control/*, /v1/runtime/*, /health, /docs and dot-segment or
+percent-encoded paths to the Control API answer 404 through the proxy, and a GET of a Fleet call
+too. Everything started is stopped at the end. (tests/test_gateway_attacks.py sends the full attack
+list through the same rendered configuration.)
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ def render_nginx(src: str, tmp: Path, pki: Path, public: int, upstream: int) -> 
     return conf
 
 
-def get(url: str, ctx: ssl.SSLContext) -> int:
-    req = urllib.request.Request(url, data=b"" if "/v1/" in url else None, method="POST" if "/v1/" in url else "GET")
+def status_of(url: str, ctx: ssl.SSLContext, method: str = "POST") -> int:
+    """The status of one request; urllib sends the path as written (no dot-segment removal)."""
+    req = urllib.request.Request(url, data=b"" if method == "POST" else None, method=method)
     try:
         with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
             return r.status
@@ -100,7 +103,7 @@ def main() -> int:
                                       stdout=open(tmp / "nginx.out", "wb"), stderr=subprocess.STDOUT,
                                       start_new_session=True))
         wait_port(public)
-        register_site_keys(f"127.0.0.1:{up}", pki / "site_keys", ca_cert=pki / "ca.pem")
+        register_site_keys(pki / "site_keys", f"127.0.0.1:{up}", ca_cert=pki / "ca.pem")
         procs.append(subprocess.Popen(
             [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{public}", "--root-certificates",
              str(site.ca_cert), "--auth-supernode-private-key", str(site.private_key), "--isolation", "process",
@@ -116,12 +119,15 @@ def main() -> int:
         if status != "online":
             failures.append("site did not come online through the proxy")
         ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
-        for path, want in (("/v1/control/list-nodes", 404), ("/v1/control/register-node", 404),
-                           ("/v1/runtime/acquire-task", 404), ("/docs", 404), ("/health", 200)):
-            code = get(f"https://127.0.0.1:{public}{path}", ctx)
-            print(f"{path}: {code} (want {want})")
-            if code != want:
-                failures.append(f"{path} answered {code}, expected {want}")
+        for method, path in (("POST", "/v1/control/list-nodes"), ("POST", "/v1/control/register-node"),
+                             ("POST", "/v1/runtime/acquire-task"), ("GET", "/docs"), ("GET", "/health"),
+                             ("POST", "/v1/fleet/../control/list-nodes"),
+                             ("POST", "/v1/fleet/%2e%2e/control/list-nodes"),
+                             ("POST", "/v1/fleet/..%2fcontrol/list-nodes"), ("GET", "/v1/fleet/get-run")):
+            code = status_of(f"https://127.0.0.1:{public}{path}", ctx, method)
+            print(f"{method} {path}: {code} (want 404)")
+            if code != 404:
+                failures.append(f"{method} {path} answered {code}, expected 404")
     finally:
         for p in reversed(procs):
             try:
