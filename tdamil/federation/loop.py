@@ -24,6 +24,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,9 @@ class RoundLoop:
                  session: str | None = None, on_round: Callable[[int], None] | None = None) -> None:
         self.strategy = strategy
         self.on_round = on_round
+        self._reporter: ThreadPoolExecutor | None = None
+        self._report_job: Future | None = None
+        self._round_end: float | None = None
         self.fed = fed
         self.model_spec = model_spec
         self.out_dir = Path(out_dir)
@@ -152,6 +156,7 @@ class RoundLoop:
             arrays, ok = self._round(grid, rnd, arrays)
             if not ok:
                 failed.append(rnd)
+        self._drain_reports()  # before plotting here: pyplot is not thread-safe
         self.history.write_csv()
         if self.plot:
             try:
@@ -160,14 +165,14 @@ class RoundLoop:
                 logger.warning("Could not draw learning curves: %s", exc)
         self.audit.write("run_finished", last_round=self.fed.rounds, failed_rounds=failed,
                          best=self.store.best)
-        self._after_round(self.fed.rounds)
+        self._after_round(self.fed.rounds, last=True)
         return RunResult(arrays=arrays, first_round=start, last_round=self.fed.rounds, failed_rounds=failed,
                          out_dir=self.out_dir)
 
     def _round(self, grid: Any, rnd: int, arrays: ArrayRecord) -> tuple[ArrayRecord, bool]:
         """One round: train (+ the sites' evaluation of the previous model), site evaluation where a
         separate message is due, held-out evaluation, checkpoints, timeline."""
-        clock = RoundClock()
+        clock = RoundClock(started=self._round_end or time.time())  # a gap between rounds counts too
         logger.info("[ROUND %d/%d]", rnd, self.fed.rounds)
         new_arrays, ok = self._train_round(grid, rnd, arrays, clock)
         if ok and new_arrays is not None:
@@ -196,13 +201,34 @@ class RoundLoop:
                          best_metric=self.store.metric, metric_value=value,
                          dp_epsilon=aggregate.get("dp-epsilon"))
         self._after_round(rnd)
+        self._round_end = time.time()
         return arrays, ok
 
-    def _after_round(self, rnd: int) -> None:
+    def _after_round(self, rnd: int, *, last: bool = False) -> None:
+        """Run ``on_round`` off the critical path: in a background thread that overlaps the next
+        round's local training (the run report takes seconds: plots). A report still being
+        written when the next round ends is not queued again (each report covers the whole run
+        so far); the run's last one runs in this thread after the others finished."""
         if self.on_round is None:
             return
+        if last:
+            self._drain_reports()
+            self._call_on_round(rnd)
+            return
+        if self._report_job is not None and not self._report_job.done():
+            return
+        if self._reporter is None:
+            self._reporter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="round-report")
+        self._report_job = self._reporter.submit(self._call_on_round, rnd)
+
+    def _drain_reports(self) -> None:
+        if self._reporter is not None:
+            self._reporter.shutdown(wait=True)
+            self._reporter = None
+
+    def _call_on_round(self, rnd: int) -> None:
         try:
-            self.on_round(rnd)
+            self.on_round(rnd)  # type: ignore[misc]
         except Exception as exc:  # noqa: BLE001 - a report must never cost a round
             logger.warning("After round %d: %s", rnd, exc)
 
