@@ -107,8 +107,11 @@ def save_checkpoint(
         **fields,
     }, "checkpoint")
     path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    # through a file object: torch names the archive inside after a path's file name (here the random
+    # temporary one), so equal checkpoints would differ in bytes; round_N.pt copied over last.pt
+    # must match the sha256 the audit log recorded for last.pt
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(payload, fh)
     return path
 
 

@@ -117,3 +117,11 @@ def test_missing_and_damaged_files_name_the_file(tmp_path):
     with pytest.raises(CheckpointError, match="bad.pt: cannot read checkpoint") as err:
         load_checkpoint(tmp_path / "bad.pt")
     assert "\n" not in str(err.value)
+
+
+def test_equal_checkpoints_are_equal_bytes_whatever_the_file_name(tmp_path):
+    """The audit log's sha256 of last.pt must match an intact round_N.pt copied over it."""
+    model = build_model(SPEC)
+    a = save_checkpoint(tmp_path / "round_0001.pt", model, epoch=1)
+    b = save_checkpoint(tmp_path / "last.pt", model, epoch=1)
+    assert a.read_bytes() == b.read_bytes()

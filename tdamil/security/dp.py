@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 import numpy as np
@@ -68,6 +68,9 @@ class PrivacyAccountant:
     sampling_rate: float = 1.0
     num_sites: Optional[int] = None
     min_sample: int = 1
+    # epsilon by rounds: the wrapper and the round loop both ask each round, and the bound for
+    # sampling without replacement takes seconds
+    _epsilon: dict[int, float] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0 < self.sampling_rate <= 1:
@@ -87,6 +90,17 @@ class PrivacyAccountant:
 
     def epsilon(self, rounds: int) -> float:
         """Epsilon at ``privacy_cfg.delta`` after ``rounds`` rounds (0 rounds: 0; no noise: inf)."""
+        if rounds < 0:
+            raise ValueError("rounds must be >= 0")
+        if rounds == 0:
+            return 0.0
+        if not self.privacy_cfg.enabled or self.privacy_cfg.noise_multiplier <= 0:
+            return math.inf
+        if rounds not in self._epsilon:
+            self._epsilon[rounds] = self._compute(rounds)
+        return self._epsilon[rounds]
+
+    def _compute(self, rounds: int) -> float:
         from flwr.serverapp import (  # noqa: PLC0415 - loads dp-accounting (scipy), coordinator only
             GaussianPrivacyEvent,
             NeighboringRelation,
@@ -95,12 +109,6 @@ class PrivacyAccountant:
         )
         from flwr.serverapp import PrivacyConfig as FlowerPrivacyConfig  # noqa: PLC0415
 
-        if rounds < 0:
-            raise ValueError("rounds must be >= 0")
-        if rounds == 0:
-            return 0.0
-        if not self.privacy_cfg.enabled or self.privacy_cfg.noise_multiplier <= 0:
-            return math.inf
         n, k = self.num_sites or 1, self.sample_size
         sampled = k < n
         accountant = RdpAccountant(FlowerPrivacyConfig(
