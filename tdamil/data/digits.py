@@ -13,7 +13,12 @@ pixels, D = 64 features per instance, scaled to [0, 1]):
   (the natural rate of the original protocol).
 
 :meth:`DigitsBagsConfig.wsi_like` gives the harder variant: bags of ~100 instances with 1-3
-positives, closer to a slide where a few patches decide the label.
+positives, closer to a slide where a few patches decide the label. :meth:`DigitsBagsConfig.distractor`
+gives bags of ~20 with 1-2 positives whose negatives are mostly look-alike digits (3, 5, 8: in 8x8
+pixels they share most strokes with a 9), like a slide full of tumour mimics.
+
+Every bag carries instance labels (1 = the target digit), so per-patch scores can be checked
+(:mod:`tdamil.train.instance_metrics`).
 
 :func:`make_digits_sites` splits the digits between simulated hospitals with different label
 balance and bag sizes (non-IID), each with its own train/val/test, plus a held-out cohort from images
@@ -50,6 +55,9 @@ class DigitsBagsConfig:
     positives_per_bag:  ``[lo, hi]`` target images in a positive bag (inclusive); ``null`` = natural rate.
     test_pool_fraction: share of the images reserved for test bags (0.5).
     val_pool_fraction:  share of the remaining images reserved for validation bags (0.2).
+    distractor_digits:  digits over-represented among a bag's non-target images ([]: none).
+    distractor_share:   share of the non-target images drawn from ``distractor_digits`` (0.0; the
+                        rest from all non-target digits).
     seed:               seed for the pools and the bags (0).
     """
 
@@ -64,6 +72,8 @@ class DigitsBagsConfig:
     positives_per_bag: Optional[list[int]] = None
     test_pool_fraction: float = 0.5
     val_pool_fraction: float = 0.2
+    distractor_digits: list[int] = field(default_factory=list)
+    distractor_share: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -77,6 +87,12 @@ class DigitsBagsConfig:
             raise ValueError("bag counts must be >= 0")
         if not (0 < self.test_pool_fraction < 1 and 0 <= self.val_pool_fraction < 1):
             raise ValueError("test_pool_fraction must be in (0, 1) and val_pool_fraction in [0, 1)")
+        if not 0.0 <= self.distractor_share <= 1.0:
+            raise ValueError(f"distractor_share must be in [0, 1], got {self.distractor_share}")
+        if self.target_digit in self.distractor_digits or not all(0 <= d <= 9 for d in self.distractor_digits):
+            raise ValueError(f"distractor_digits must be digits 0..9 other than the target, got {self.distractor_digits}")
+        if self.distractor_share > 0 and not self.distractor_digits:
+            raise ValueError("distractor_share > 0 needs distractor_digits (e.g. [3, 5, 8])")
         if self.positives_per_bag is not None:
             lo_hi = list(self.positives_per_bag)
             if len(lo_hi) != 2 or not (1 <= lo_hi[0] <= lo_hi[1]):
@@ -89,6 +105,15 @@ class DigitsBagsConfig:
     def wsi_like(cls, **overrides: object) -> "DigitsBagsConfig":
         """Harder, slide-like variant: bags of ~100 images (sd 10) of which only 1-3 are positive."""
         base = dict(mean_bag_size=100.0, std_bag_size=10.0, min_bag_size=20, positives_per_bag=[1, 3])
+        base.update(overrides)
+        return cls(**base)  # type: ignore[arg-type]
+
+    @classmethod
+    def distractor(cls, **overrides: object) -> "DigitsBagsConfig":
+        """Look-alike variant: bags of ~20 (sd 4) with 1-2 positives; 70 % of the other images are
+        3, 5 or 8, which share most of a 9's strokes, so a model must find the one 9."""
+        base = dict(mean_bag_size=20.0, std_bag_size=4.0, min_bag_size=5, positives_per_bag=[1, 2],
+                    distractor_digits=[3, 5, 8], distractor_share=0.7)
         base.update(overrides)
         return cls(**base)  # type: ignore[arg-type]
 
@@ -177,7 +202,7 @@ def _draw_bags(
             k = min(k, n)
         else:
             k = 0
-        chosen = np.concatenate([rng.choice(pos_pool, size=k, replace=True), rng.choice(neg_pool, size=n - k, replace=True)])
+        chosen = np.concatenate([rng.choice(pos_pool, size=k, replace=True), _negatives(neg_pool, digits, n - k, cfg, rng)])
         chosen = rng.permutation(chosen)
         inst_lab = (digits[chosen] == cfg.target_digit).astype(np.int64)
         feats.append(images[chosen])
@@ -185,6 +210,15 @@ def _draw_bags(
         ids.append(f"{prefix}_{b:04d}")
         inst.append(inst_lab)
     return InMemoryBagDataset(feats, labels, ids, num_classes=2, instance_labels=inst)
+
+
+def _negatives(neg_pool: np.ndarray, digits: np.ndarray, size: int, cfg: DigitsBagsConfig, rng: np.random.Generator) -> np.ndarray:
+    """``size`` non-target images; ``distractor_share`` of them (binomially) from the distractor digits."""
+    if cfg.distractor_share == 0:  # the original protocol's draw (same random stream, same bags)
+        return rng.choice(neg_pool, size=size, replace=True)
+    look_alike = neg_pool[np.isin(digits[neg_pool], cfg.distractor_digits)]
+    k = int(rng.binomial(size, cfg.distractor_share)) if len(look_alike) else 0
+    return np.concatenate([rng.choice(look_alike, size=k, replace=True), rng.choice(neg_pool, size=size - k, replace=True)]).astype(np.int64)
 
 
 def make_digits_bags(cfg: Optional[DigitsBagsConfig] = None) -> DigitsBags:

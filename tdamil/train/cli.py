@@ -198,6 +198,9 @@ def run(cfg: TrainRunConfig, *, model_override: Optional[str] = None, source: st
             # 95 % CIs: stratified bootstrap over the test set's patients (tdamil.stats)
             test_metrics = ev.metrics | interval_columns(bootstrap_ci(ev.labels, ev.probs, fold.test.patient_ids))
             ev.predictions_table().to_csv(out / "test_predictions.csv", index=False, float_format="%.6f")
+            if ev.instance_metrics is not None:  # bags with instance labels (digits; annotated slides)
+                test_metrics = test_metrics | ev.instance_metrics
+                logger.info("%s test instance level: %s", name, ", ".join(f"{k} {v:.3f}" for k, v in ev.instance_metrics.items()))
         summary = {
             "model": name,
             "fold": fold.name or None,

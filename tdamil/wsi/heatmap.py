@@ -60,9 +60,11 @@ def save_heatmap(
 ) -> Path:
     """Write a PNG: ``thumbnail`` with the patch scores blended on top, and a colorbar.
 
-    ``normalize=True`` ranks scores to [0, 1] (useful for attention weights, whose scale shrinks
-    with bag size); otherwise the colour range is ``vmin``/``vmax`` or the scores' range
-    (TDA-MIL's ``s_i`` already lie in [0, 1]). ``alpha`` is the opacity of the colours.
+    ``normalize=True`` ranks scores to [0, 1] (for attention weights, whose scale shrinks with bag
+    size; pass ``label="attention"``); otherwise the colour range is ``vmin``/``vmax``, by default
+    the FIXED range [0, 1] of TDA-MIL's ``s_i``, never the scores' own range (a slide with scores of
+    at most 1e-6 must look blank, not red). A slide whose scores are all 0 says so on the picture.
+    ``alpha`` is the opacity of the colours.
     """
     import matplotlib
 
@@ -75,10 +77,11 @@ def save_heatmap(
         order = scores.argsort().argsort()
         scores = order / max(len(scores) - 1, 1)
     finite = scores[np.isfinite(scores)]
-    lo = vmin if vmin is not None else (float(finite.min()) if finite.size else 0.0)
-    hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
+    all_zero = bool(finite.size) and not normalize and bool(np.all(finite == 0))
+    lo = 0.0 if vmin is None else vmin
+    hi = 1.0 if vmax is None else vmax
     if hi <= lo:
-        hi = lo + 1e-6
+        raise ValueError(f"heatmap colour range needs vmin < vmax, got {lo} and {hi}")
     thumb = np.asarray(thumbnail)
     canvas = score_canvas(thumb.shape[:2], coords, scores, patch_size_level0, downsample)
     norm = colors.Normalize(vmin=lo, vmax=hi)
@@ -97,6 +100,9 @@ def save_heatmap(
         ax.set_axis_off()
         if title:
             ax.set_title(title)
+        if all_zero:
+            ax.text(0.5, 0.02, "every score is 0: no patch selected on this slide", transform=ax.transAxes,
+                    ha="center", va="bottom", fontsize=10, bbox=dict(facecolor="white", alpha=0.8))
         sm = plt.cm.ScalarMappable(norm=norm, cmap=cm)
         fig.colorbar(sm, ax=ax, fraction=0.046, pad=0.02, label=label + (" (rank)" if normalize else ""))
         path = Path(path)
