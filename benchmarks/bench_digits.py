@@ -12,9 +12,16 @@ With ``--tune``, TDA-MIL's learning rate is first chosen from a small grid by me
     python benchmarks/bench_digits.py                # ~10-20 min on 2 CPU cores
     python benchmarks/bench_digits.py --tune         # + the learning-rate selection
     python benchmarks/bench_digits.py --variant wsi_like --models tdamil abmil mean_pool
+    python benchmarks/bench_digits.py --ablation     # TDA-MIL selection variants (issue #8)
 
-Writes ``benchmarks/results/digits_runs.csv`` (one row per model and seed),
-``benchmarks/results/digits_summary.csv`` and ``benchmarks/digits.md``.
+Variants: ``mnist_bags`` (above), ``wsi_like`` (bags ~N(100, 10) with 1-3 positives) and
+``distractor`` (bags ~N(20, 4) with 1-2 positives, 70 % of the other digits 3/5/8, look-alikes of 9).
+Every row carries bag metrics and, for models with per-patch scores, the instance metrics of
+:mod:`tdamil.train.instance_metrics` on validation and test bags (each model's score meaning:
+:mod:`tdamil.models.output`).
+
+Writes ``benchmarks/results/<tag>_runs.csv`` (one row per model and seed),
+``benchmarks/results/<tag>_summary.csv`` and the markdown (``--md``).
 """
 
 from __future__ import annotations
@@ -33,6 +40,20 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 MODELS = ("tdamil", "transformer_mil", "transmil", "abmil", "gated_abmil", "mean_pool")
+INST_KEYS = ("inst_auroc", "inst_within_auroc", "inst_top1_hit", "all_zero_bags", "all_zero_pos_bags")
+
+# TDA-MIL selection variants of the --ablation (issue #8); "default" = the TDAMILConfig defaults.
+ABLATION: dict[str, dict[str, Any]] = {
+    "paper (random T, exact grad, no aux)": dict(task_init="random", selection_grad="exact", selection_loss_weight=0.0),
+    "aux margin 0 (random T, exact grad)": dict(task_init="random", selection_grad="exact", selection_margin=0.0),
+    "default: data-init + leaky + aux margin 0.25": {},
+}
+
+
+def validation_score(row: dict[str, Any]) -> float:
+    """How the ablation picks the default, on VALIDATION bags only (fixed before the run): bag AUROC +
+    instance AUROC + top-1 hit rate - share of positive bags with a blank map."""
+    return row["val_auroc"] + row["val_inst_auroc"] + row["val_inst_top1_hit"] - row["val_all_zero_pos_bags"]
 
 
 def model_section(name: str, dim: int, heads: int, depth: int) -> dict[str, Any]:
@@ -57,7 +78,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
     seed = job["seed"]
     base = dict(num_train_bags=job["train_bags"], num_val_bags=job["val_bags"], num_test_bags=job["test_bags"], seed=seed)
-    dcfg = DigitsBagsConfig.wsi_like(**base) if job["variant"] == "wsi_like" else DigitsBagsConfig(**base)
+    make = {"wsi_like": DigitsBagsConfig.wsi_like, "distractor": DigitsBagsConfig.distractor}.get(job["variant"], DigitsBagsConfig)
+    dcfg = make(**base)
     bags = make_digits_bags(dcfg)
     torch.manual_seed(seed)
     model = create_model(job["model"], in_dim=bags.train.in_dim, num_classes=2)
@@ -67,8 +89,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     )
     t0 = time.perf_counter()
     res = fit(model, bags.train, bags.val, tcfg)
+    val = evaluate(model, bags.val)
     row = {
-        "model": job["model"]["name"],
+        "model": job.get("label", job["model"]["name"]),
         "seed": seed,
         "lr": job["lr"],
         "params": sum(p.numel() for p in model.parameters()),
@@ -76,32 +99,89 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         "epochs_run": len(res.history),
         "val_auroc": res.best_value,
     }
+    row.update({f"val_{k}": (val.instance_metrics or {}).get(k, float("nan")) for k in INST_KEYS})
     if not job.get("val_only"):
-        m = evaluate(model, bags.test).metrics
-        row.update({f"test_{k}": m[k] for k in ("auroc", "balanced_accuracy", "f1", "accuracy", "loss")})
+        test = evaluate(model, bags.test)
+        row.update({f"test_{k}": test.metrics[k] for k in ("auroc", "balanced_accuracy", "f1", "accuracy", "loss")})
+        row.update({f"test_{k}": (test.instance_metrics or {}).get(k, float("nan")) for k in INST_KEYS})
     row["seconds"] = time.perf_counter() - t0
     return row
 
 
-def _run_all(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
+def _run_all(jobs: list[dict[str, Any]], workers: int, partial: Path | None = None) -> list[dict[str, Any]]:
+    """Run the jobs; each finished row is also appended to ``partial`` (a long run keeps what it did)."""
     from tqdm.auto import tqdm
 
-    if workers <= 1:
-        return [run_one(j) for j in tqdm(jobs, desc="runs")]
-    with mp.get_context("spawn").Pool(workers) as pool:
-        return list(tqdm(pool.imap(run_one, jobs), total=len(jobs), desc="runs"))
+    rows: list[dict[str, Any]] = []
+    with mp.get_context("spawn").Pool(max(1, workers)) as pool:
+        for row in tqdm(pool.imap_unordered(run_one, jobs), total=len(jobs), desc="runs"):
+            rows.append(row)
+            if partial is not None:
+                with partial.open("a") as fh:
+                    fh.write(repr(row) + "\n")
+    return rows
 
 
 def _fmt(vals: list[float]) -> str:
     a = np.asarray(vals, dtype=float)
+    if np.all(np.isnan(a)):
+        return "–"
+    a = a[~np.isnan(a)]
     return f"{a.mean():.3f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.3f}"
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _summary(rows: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for m in names:
+        rs = [r for r in rows if r["model"] == m]
+        row: dict[str, Any] = {"model": m}
+        for k in ("test_auroc", "test_balanced_accuracy", "val_auroc") + tuple(f"{p}_{k}" for p in ("val", "test") for k in INST_KEYS):
+            row[k] = _fmt([r[k] for r in rs])
+        row["min_test_inst_auroc"] = f"{np.min([r['test_inst_auroc'] for r in rs]):.3f}"
+        row["min_test_inst_top1_hit"] = f"{np.min([r['test_inst_top1_hit'] for r in rs]):.3f}"
+        row["best_epoch"] = _fmt([r["best_epoch"] for r in rs])
+        row["params"] = rs[0]["params"]
+        row["seconds_per_run"] = f"{np.mean([r['seconds'] for r in rs]):.1f}"
+        row["auroc_mean"] = float(np.mean([r["test_auroc"] for r in rs]))
+        out.append(row)
+    return out
+
+
+PROTOCOL = {
+    "mnist_bags": "bag size ~N(10, 2), natural share of 9s in a positive bag",
+    "wsi_like": "bag size ~N(100, 10) with 1-3 positives",
+    "distractor": "bag size ~N(20, 4) with 1-2 positives, 70 % of the other digits drawn from 3/5/8 (look-alikes of 9)",
+}
+
+
+def _table(summary: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| model | test AUROC | val AUROC | test inst AUROC (min) | test within-bag AUROC | test top-1 hit (min) | "
+        "all-0 bags: all / positive | val inst AUROC | val top-1 hit | best epoch | params | s/run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        lines.append(
+            f"| {s['model']} | {s['test_auroc']} | {s['val_auroc']} | {s['test_inst_auroc']} ({s['min_test_inst_auroc']}) | "
+            f"{s['test_inst_within_auroc']} | {s['test_inst_top1_hit']} ({s['min_test_inst_top1_hit']}) | "
+            f"{s['test_all_zero_bags']} / {s['test_all_zero_pos_bags']} | {s['val_inst_auroc']} | {s['val_inst_top1_hit']} | "
+            f"{s['best_epoch']} | {s['params']:,} | {s['seconds_per_run']} |"
+        )
+    return [ln.replace("(nan)", "") for ln in lines]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--variant", choices=("mnist_bags", "wsi_like"), default="mnist_bags")
+    ap.add_argument("--variant", choices=tuple(PROTOCOL), default="mnist_bags")
     ap.add_argument("--train-bags", type=int, default=100)
     ap.add_argument("--val-bags", type=int, default=100)
     ap.add_argument("--test-bags", type=int, default=1000)
@@ -113,6 +193,8 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--tune", action="store_true", help="choose the lr for TDA-MIL by validation AUROC first")
     ap.add_argument("--tune-lrs", nargs="+", type=float, default=[3e-4, 1e-3, 3e-3])
+    ap.add_argument("--ablation", action="store_true", help="TDA-MIL selection variants instead of the model comparison")
+    ap.add_argument("--variants", nargs="+", help="with --ablation: only the variants whose name starts with one of these")
     ap.add_argument("--workers", type=int, default=2, help="parallel runs (one torch thread each)")
     ap.add_argument("--tag", default="digits", help="output name prefix under benchmarks/results/")
     ap.add_argument("--md", type=Path, default=HERE / "digits.md")
@@ -129,65 +211,56 @@ def main() -> None:
         lr = max(by_lr, key=by_lr.get)
         print("lr selection (mean val AUROC):", {f"{g:g}": round(v, 4) for g, v in by_lr.items()}, "->", lr)
 
-    jobs = [dict(common, model=model_section(m, args.dim, args.heads, args.depth), seed=s, lr=lr) for m in args.models for s in args.seeds]
-    rows = _run_all(jobs, args.workers)
+    if args.ablation:
+        names = [v for v in ABLATION if not args.variants or any(v.startswith(p) for p in args.variants)]
+        jobs = [dict(common, model=dict(model_section("tdamil", args.dim, args.heads, args.depth), **ABLATION[v]), label=v, seed=s, lr=lr)
+                for v in names for s in args.seeds]
+    else:
+        names = list(args.models)
+        jobs = [dict(common, model=model_section(m, args.dim, args.heads, args.depth), seed=s, lr=lr) for m in names for s in args.seeds]
+    order = {(j.get("label", j["model"]["name"]), j["seed"]): i for i, j in enumerate(jobs)}
+    rows = sorted(_run_all(jobs, args.workers, HERE / "results" / f"{args.tag}_runs.partial.txt"), key=lambda r: order[(r["model"], r["seed"])])
     total = time.perf_counter() - t_start
 
     out_dir = HERE / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs_csv = out_dir / f"{args.tag}_runs.csv"
-    with runs_csv.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    summary = []
-    for m in args.models:
-        rs = [r for r in rows if r["model"] == m]
-        summary.append({
-            "model": m,
-            "test_auroc": _fmt([r["test_auroc"] for r in rs]),
-            "test_balanced_accuracy": _fmt([r["test_balanced_accuracy"] for r in rs]),
-            "test_f1": _fmt([r["test_f1"] for r in rs]),
-            "val_auroc": _fmt([r["val_auroc"] for r in rs]),
-            "best_epoch": _fmt([r["best_epoch"] for r in rs]).replace(".000", ""),
-            "params": rs[0]["params"],
-            "seconds_per_run": f"{np.mean([r['seconds'] for r in rs]):.1f}",
-            "auroc_mean": float(np.mean([r["test_auroc"] for r in rs])),
-        })
-    sum_csv = out_dir / f"{args.tag}_summary.csv"
-    with sum_csv.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(summary[0]))
-        w.writeheader()
-        w.writerows(summary)
+    runs_csv, sum_csv = out_dir / f"{args.tag}_runs.csv", out_dir / f"{args.tag}_summary.csv"
+    _write_csv(runs_csv, rows)
+    summary = _summary(rows, names)
+    _write_csv(sum_csv, summary)
 
-    auc = {s["model"]: s["auroc_mean"] for s in summary}
+    title = "TDA-MIL selection ablation (issue #8)" if args.ablation else "Digits MIL benchmark"
     lines = [
-        "# Digits MIL benchmark",
+        f"# {title}",
         "",
-        f"Protocol: MNIST-bags on scikit-learn digits ({args.variant}), target digit 9, "
-        + ("bag size ~N(10, 2)" if args.variant == "mnist_bags" else "bag size ~N(100, 10) with 1-3 positives")
-        + f", {args.train_bags} training / {args.val_bags} validation / {args.test_bags} test bags from disjoint image pools, "
+        f"Protocol: MNIST-bags on scikit-learn digits ({args.variant}), target digit 9, {PROTOCOL[args.variant]}, "
+        f"{args.train_bags} training / {args.val_bags} validation / {args.test_bags} test bags from disjoint image pools, "
         f"balanced classes. Mean ± std (sample std) over seeds {args.seeds}; each seed draws new pools and bags and a new initialisation.",
         "",
-        f"Budget (identical for every model): AdamW lr {lr:g}, weight decay 1e-2, one bag per step, up to {args.epochs} epochs, "
-        f"early stopping with patience {args.patience} on validation AUROC, best-validation weights tested; token width dim={args.dim} "
-        f"(raw 8x8 pixels, D=64), {args.heads} heads and depth {args.depth} for the transformer models; CPU, one torch thread per run.",
+        f"Budget (identical for every run): AdamW lr {lr:g}, weight decay 1e-2, one bag per step, up to {args.epochs} epochs, "
+        f"early stopping with patience {args.patience} on validation AUROC (ties broken by validation loss), best-validation weights "
+        f"tested; token width dim={args.dim} (raw 8x8 pixels, D=64), {args.heads} heads and depth {args.depth} for the transformer "
+        "models; CPU, one torch thread per run.",
         "",
-        "| model | test AUROC | test balanced acc. | test F1 | val AUROC | best epoch | params | s/run |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for s in summary:
-        lines.append(f"| {s['model']} | {s['test_auroc']} | {s['test_balanced_accuracy']} | {s['test_f1']} | {s['val_auroc']} | {s['best_epoch']} | {s['params']:,} | {s['seconds_per_run']} |")
+        "Instance metrics (instance = one digit, positive = a 9; `tdamil.train.instance_metrics`): pooled AUROC of the per-patch "
+        "scores over all test instances (min over seeds in brackets), mean within-bag AUROC over positive bags, top-1 hit rate "
+        "(the top-scored instance of a positive bag is a 9; min over seeds), share of all / of positive bags whose scores are all 0. "
+        "Scores: TDA-MIL's s_i; ABMIL's attention (pooled AUROC from its pre-softmax logits); transformer_mil, transmil and "
+        "mean_pool give none (`tdamil/models/output.py`).",
+        "",
+    ] + _table(summary)
+    if args.ablation:
+        by_variant = {v: float(np.mean([validation_score(r) for r in rows if r["model"] == v])) for v in names}
+        chosen = max(by_variant, key=by_variant.get)
+        lines += ["", "Choice on VALIDATION bags only (`validation_score`: val bag AUROC + val instance AUROC + val top-1 hit "
+                  "- val share of positive bags with all scores 0; mean over seeds): "
+                  + ", ".join(f"{v}: {x:.3f}" for v, x in by_variant.items()) + f". Chosen: **{chosen}**."]
     if tune_rows:
         lines += ["", "Learning-rate selection for TDA-MIL (validation AUROC only, mean over the same seeds):", "",
                   "| lr | val AUROC |", "|---|---|"]
         for g in args.tune_lrs:
             lines.append(f"| {g:g} | {_fmt([r['val_auroc'] for r in tune_rows if r['lr'] == g])} |")
         lines.append(f"\nChosen: lr {lr:g}, then used for all models.")
-    if "tdamil" in auc and args.variant == "mnist_bags":
-        ok = auc["tdamil"] >= 0.93 and ("mean_pool" not in auc or auc["tdamil"] > auc["mean_pool"])
-        lines += ["", f"Requirement (TDA-MIL test AUROC >= 0.93 and above mean pooling): **{'met' if ok else 'NOT met'}** "
-                  f"(TDA-MIL {auc['tdamil']:.3f}" + (f", mean pooling {auc['mean_pool']:.3f})" if "mean_pool" in auc else ")")]
     cmd = " ".join(["python benchmarks/bench_digits.py"] + sys.argv[1:])
     lines += ["", f"Run: `{cmd}` "
               f"({platform.processor() or platform.machine()}, {args.workers} parallel runs, {total / 60:.1f} min in total). "
