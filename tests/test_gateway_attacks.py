@@ -356,8 +356,8 @@ def world(request, tmp_path_factory):
     intruder = issue_site("intruder", ca_cert=pki / "ca.pem", out=root / "intruder")  # key never registered
     intruder_pem = load_site_public_key(intruder.public_key).public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    world = {"mode": mode, "root": root, "public": public, "control": f"127.0.0.1:{internal}",
-             "ca": None, "pki": pki, "sites": {}, "intruder_pem": intruder_pem}
+    world = {"mode": mode, "root": root, "public": public, "internal": internal, "control": f"127.0.0.1:{internal}",
+             "ca": None, "pki": pki, "sites": {}, "intruder_pem": intruder_pem, "paths": paths}
     srv = yaml.safe_load(paths["server"].read_text())
     srv.pop("tls", None)
     srv["auth"] = {"enabled": False}
@@ -385,6 +385,7 @@ def world(request, tmp_path_factory):
             except Exception:  # SuperLink not up yet
                 runs = {}
         world["run_id"] = next(iter(runs))
+        world["server_pid"] = server.pid
         world["nodes"] = nodes
         world["gateway_log"] = next(root.rglob("gateway.log"))
         yield world
@@ -429,32 +430,74 @@ def test_attack_list_reaches_no_api_but_the_fleet_api(world):
     assert any("Refused POST /v1/fleet/%c0%ae%c0%ae/control/list-runs from 127.0.0.1" in ln for ln in refused)
 
 
-def _supernode(world: dict, port: int, site: Optional[str], log: Path) -> subprocess.Popen:
-    cmd = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
-           "--isolation", "process", "--max-retries", "2", "--max-wait-time", "20"]
-    if site is None:
-        cmd.append("--insecure")
-    else:
+def _listening(root_pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket listening in the process tree under ``root_pid`` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rpartition(")")[2].split()[1])
+        except (OSError, IndexError, ValueError):  # a process that just ended
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    pids, inodes = [root_pid], set()
+    while pids:
+        pid = pids.pop()
+        pids += children.get(pid, [])
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                link = os.readlink(fd)
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                addr, port = fields[1].split(":")
+                raw = bytes.fromhex(addr)
+                ip = socket.inet_ntop(socket.AF_INET if width == 8 else socket.AF_INET6,
+                                      b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+                found.add((ip, int(port, 16)))
+    return found
+
+
+def _site(world: dict, site: str, port: int) -> list[str]:
+    """``tdamil-client`` for ``site`` (the demo's YAML) dialling 127.0.0.1:``port``."""
+    cfg = yaml.safe_load(world["paths"][site].read_text())
+    cfg["federation"]["superlink"] = f"127.0.0.1:{port}"
+    cfg.pop("tls", None)
+    cfg.pop("auth", None)
+    if world["mode"] == "tls":
         bundle = world["sites"][site]
-        cmd += ["--root-certificates", str(bundle.ca_cert), "--auth-supernode-private-key", str(bundle.private_key)]
-    with open(log, "wb") as fh:
-        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+        cfg["tls"], cfg["auth"] = {"ca_cert": str(bundle.ca_cert)}, {"private_key": str(bundle.private_key)}
+    path = world["paths"][site].with_name(f"{site}_{port}.yaml")
+    path.write_text(yaml.safe_dump(cfg))
+    return [str(BIN / "tdamil-client"), "--config", str(path), "--state-dir", str(world["root"] / f"state_{port}"),
+            *(["--insecure"] if world["mode"] == "plaintext" else [])]
 
 
-def assert_a_site_joins(world: dict, port: int, site: Optional[str], proxy_log: Path) -> str:
-    """A real SuperNode comes online through ``port`` and is stopped; returns what the proxy
-    logged meanwhile."""
-    log = world["root"] / f"supernode_{port}_{site}.log"
+def assert_a_site_joins(world: dict, site: str, port: int, proxy_log: Path) -> str:
+    """A real site (``tdamil-client``) comes online through ``port`` and is stopped; while online,
+    it listens on loopback only. Returns what the proxy logged meanwhile."""
+    log = world["root"] / f"{site}_{port}.log"
     seen = proxy_log.stat().st_size
-    node = _supernode(world, port, site, log)
+    before = set(superlink_state(world)[0])
+    with open(log, "wb") as fh:
+        node = subprocess.Popen(_site(world, site, port), stdout=fh, stderr=subprocess.STDOUT, env=_env(),
+                                start_new_session=True)
     try:
-        deadline, online = time.monotonic() + 90, []
+        deadline, online = time.monotonic() + 120, []
         while not online:
             assert node.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "no SuperNode came online:\n" + log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the site did not come online:\n" + log.read_text()[-3000:]
             time.sleep(0.5)
             nodes = list_site_nodes(world["control"], ca_cert=world["ca"], insecure=world["ca"] is None)
-            online = [n for n in nodes.values() if n.status == "online" and (site is None or n.name == site)]
+            online = [n for n in nodes.values() if n.status == "online" and (n.name == site or n.node_id not in before)]
+        if Path("/proc/net/tcp").exists():
+            sockets = _listening(node.pid)
+            assert sockets and all(ip == "127.0.0.1" for ip, _ in sockets), sockets  # its runtime API only
     finally:
         _stop(node)
     time.sleep(1)  # the SuperNode's last calls (deactivate-node) reach the log
@@ -466,13 +509,20 @@ def assert_a_site_joins(world: dict, port: int, site: Optional[str], proxy_log: 
 @pytest.mark.e2e
 @pytest.mark.parametrize("world", ["plaintext", "tls"], indirect=True)
 def test_a_real_site_still_joins_through_the_gateway(world):
-    log = assert_a_site_joins(world, world["public"], "site_a" if world["mode"] == "tls" else None,
-                              world["gateway_log"])
+    log = assert_a_site_joins(world, "site_a", world["public"], world["gateway_log"])
     # flwr-server -v: the gateway logged each call it forwarded; the SuperNode needed no other
     calls = set(re.findall(r"POST (/\S+) from 127\.0\.0\.1 -> 200", log))
     joined = {"/v1/fleet/register-node"} if world["mode"] == "plaintext" else {"/v1/fleet/activate-node"}
     assert joined | {"/v1/fleet/pull-messages", "/v1/fleet/send-node-heartbeat"} <= calls <= FLEET_PATHS, log
     assert " Refused " not in log, log
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads listening sockets from Linux /proc")
+@pytest.mark.parametrize("world", ["plaintext", "tls"], indirect=True)
+def test_the_coordinator_listens_on_loopback_and_the_gateway_port_only(world):
+    # SuperLink (Fleet + Control + Runtime API), gateway, SuperExec, ServerApp, flwr run: two ports
+    assert _listening(world["server_pid"]) == {("127.0.0.1", world["public"]), ("127.0.0.1", world["internal"])}
 
 
 # ---- nginx with the shipped configuration -------------------------------------------------------------
@@ -518,7 +568,7 @@ def test_attack_list_through_nginx_reaches_no_api_but_the_fleet_api(world, nginx
     others = {name: (status, body[:200]) for name, (status, body) in answers.items() if body != REFUSED_BODY}
     assert len(others) <= 8 and all(b"<center>nginx</center>" in body or (name.startswith("HEAD") and body == b"")
                                     for name, (_, body) in others.items()), others
-    access = assert_a_site_joins(world, port, "site_b", access_log)
+    access = assert_a_site_joins(world, "site_b", port, access_log)
     calls = re.findall(r'"POST (\S+) HTTP/1\.1" (\d+)', access)
     assert {"/v1/fleet/activate-node", "/v1/fleet/pull-messages"} <= {path for path, _ in calls}, access
     assert all(path in FLEET_PATHS and status == "200" for path, status in calls), access
