@@ -12,7 +12,9 @@ library normalises anything, to:
   answer is the gateway's own refusal, not the SuperLink's;
 * nginx with ``deploy/proxy/nginx.conf`` in front of the same SuperLink, where nginx is installed.
 
-Afterwards a real SuperNode still joins through the same port.
+Afterwards a real site (``tdamil-client``) still joins through the same port and listens on
+loopback only, and the coordinator's whole process tree listens on two ports: the public entry and
+the SuperLink on 127.0.0.1.
 """
 
 from __future__ import annotations
