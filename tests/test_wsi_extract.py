@@ -82,7 +82,7 @@ def test_good_slides_are_extracted_and_bad_ones_reported(site):
     for sid, n in GOOD.items():
         assert by_id[sid].n_patches == n
         assert (site["data"].features_dir / f"{sid}.h5").is_file()
-        assert (site["data"].features_dir / "qc" / f"{sid}.png").is_file()
+        assert (site["data"].features_dir / "qc" / f"{sid}.jpg").is_file()
     nompp = by_id["nompp"]
     assert "nompp.tif" in nompp.reason and "mpp_overrides" in nompp.reason and "mpp" in nompp.fix
     assert "notaslide.svs" in by_id["notaslide"].reason and "not a whole-slide image" in by_id["notaslide"].reason

@@ -84,7 +84,7 @@ def test_trident_reader_gets_512_px_patches(extracted):
 
 def test_qc_pictures_are_large_and_mask_and_grid_stand_alone(extracted):
     qc = extracted["root"] / "features" / "qc"
-    overlay, mask, grid = (cv2.imread(str(qc / n)) for n in ("cmu.png", "cmu_mask.png", "cmu_grid.png"))
+    overlay, mask, grid = (cv2.imread(str(qc / n)) for n in ("cmu.jpg", "cmu_mask.png", "cmu_grid.jpg"))
     assert max(mask.shape[:2]) == 1500 and max(grid.shape[:2]) == 1500  # not the 93 px thumbnail enlarged
     assert overlay.shape[0] == grid.shape[0] + 32  # caption bar
     ds = W / mask.shape[1]
@@ -94,8 +94,8 @@ def test_qc_pictures_are_large_and_mask_and_grid_stand_alone(extracted):
     # the grid picture: each patch's top-left corner drawn in blue (BGR), orange for padded ones
     bag = read_features(extracted["h5"])
     for (x, y), pad in zip(bag.coords, bag.padded):
-        px = grid[int(round(y / ds)), int(round(x / ds))]
-        assert px.tolist() == ([0, 140, 255] if pad else [230, 80, 30])
+        px = grid[int(round(y / ds)) + 1, int(round(x / ds)) + 1].astype(int)  # inside the 2 px line
+        assert np.abs(px - ([0, 140, 255] if pad else [230, 80, 30])).max() < 45, (x, y, px)
 
 
 def _check_geojson(path: Path, dims: tuple[int, int]) -> list[dict]:

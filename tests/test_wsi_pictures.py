@@ -38,7 +38,7 @@ def test_qc_picture_shows_grid_and_outline(tmp_path):
     assert img[int(500 / ds): int(800 / ds), int(50 / ds): int(300 / ds)].mean() > 235  # glass (a few specks of dust)
     green = np.all(img == (0, 170, 0), axis=2)
     assert green.sum() > 2000  # the tissue outline
-    assert [p.name for p in paths] == ["cmu.png", "cmu_mask.png", "cmu_grid.png"]
+    assert [p.name for p in paths] == ["cmu.jpg", "cmu_mask.png", "cmu_grid.jpg"]
     png = cv2.imread(str(paths[0]))
     assert png is not None and max(png.shape[:2]) >= 1000
 
