@@ -334,7 +334,9 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _env() -> dict:
-    return dict(os.environ, FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    # Flower's switches for its legacy gRPC servers on [::] are set too: flwr-server must drop them
+    return dict(os.environ, FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+                FLWR_INTERNAL_GRPC_CONTROL_API="1", FLWR_INTERNAL_GRPC_FLEET_API="1")
 
 
 @pytest.fixture(scope="module")
@@ -523,7 +525,8 @@ def test_a_real_site_still_joins_through_the_gateway(world):
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads listening sockets from Linux /proc")
 @pytest.mark.parametrize("world", ["plaintext", "tls"], indirect=True)
 def test_the_coordinator_listens_on_loopback_and_the_gateway_port_only(world):
-    # SuperLink (Fleet + Control + Runtime API), gateway, SuperExec, ServerApp, flwr run: two ports
+    # SuperLink (Fleet + Control + Runtime API), gateway, SuperExec, ServerApp, flwr run: two ports;
+    # no legacy gRPC server on [::] although its switches are in flwr-server's environment (_env)
     assert _listening(world["server_pid"]) == {("127.0.0.1", world["public"]), ("127.0.0.1", world["internal"])}
 
 

@@ -80,6 +80,10 @@ def flower_env(flwr_home: Optional[Path] = None, threads: Optional[int] = None) 
         env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    # Flower's internal switches for its legacy gRPC Control / Fleet servers: they bind [::]:9093
+    # and [::]:9092 whatever --host says, past the fleet gateway (unauthenticated Control API)
+    for key in ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API"):
+        env.pop(key, None)
     # the SuperNode's SuperExec looks for a new message's ClientApp task every 1 s by default: every
     # round's message waited 0.5 s on average for it (issue #10); 0.1 s costs nothing measurable
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
