@@ -72,6 +72,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--no-baselines", action="store_true", help="skip the centralised / local-only baselines")
     parser.add_argument("--folds", type=int, default=None, help="override folds (k-fold CV; 0 = one split)")
     parser.add_argument("--fold", type=int, default=None, help="run only this fold (0-based)")
+    parser.add_argument("--fold-workers", type=int, default=None, help="folds run at once, one process each")
     parser.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -85,7 +86,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         overrides.update({"engine": "ray", "ray.address": args.ray_address})
     if args.no_baselines:
         overrides["baselines"] = False
-    for key in ("folds", "fold"):
+    for key in ("folds", "fold", "fold_workers"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     try:

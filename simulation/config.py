@@ -139,7 +139,8 @@ class SimConfig:
     folds: 0 = one split per site; k >= 2 = federated k-fold cross-validation: the whole federation
     (and the baselines) runs once per fold, folds by patient and stratified within each site,
     held-out cohorts never split (``tdamil.simulation.folds``, ``tdamil.simulation.crossval``);
-    fold: run only this fold (0-based; null = all folds).
+    fold: run only this fold (0-based; null = all folds); fold_workers: folds run at once, each in its
+    own process (one per core; in-process engine only).
     """
 
     model: dict[str, Any] = field(default_factory=lambda: {"name": "tdamil", "dim": 64, "depth": 1, "num_heads": 4})
@@ -157,6 +158,7 @@ class SimConfig:
     torch_threads: Optional[int] = 1
     folds: int = 0
     fold: Optional[int] = None
+    fold_workers: int = 1
 
     def __post_init__(self) -> None:
         # One source for the device: what the sites reserve. A contradicting train.device is an
@@ -181,4 +183,7 @@ def load_sim_config(path: str | Path, overrides: dict[str, Any] | None = None) -
     if cfg.fold is not None and not 0 <= cfg.fold < max(cfg.folds, 1):
         raise ConfigError(f"{path}: 'fold' is {cfg.fold} but folds is {cfg.folds}; use 0..{cfg.folds - 1} with "
                           "folds >= 2, or remove 'fold'.")
+    if cfg.fold_workers < 1 or (cfg.fold_workers > 1 and cfg.engine == "ray"):
+        raise ConfigError(f"{path}: 'fold_workers' is {cfg.fold_workers}; use >= 1, and 1 with engine: ray (Ray "
+                          "runs the sites in parallel itself).")
     return cfg

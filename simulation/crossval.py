@@ -17,7 +17,9 @@ import csv
 import json
 import logging
 import math
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -99,16 +101,35 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _child_logging(level: int) -> None:
+    from tdamil.logs import setup_logging  # noqa: PLC0415
+
+    setup_logging(level=level)
+
+
+def _run_folds(cfg: SimConfig, simulate_one: Callable[..., dict[str, Any]], out: Path, resume: bool) -> list[dict]:
+    """Every fold's summary; ``fold_workers`` > 1 runs that many folds at once, each in a fresh
+    process (spawned: no torch or Flower state is inherited), one per core."""
+    k, workers = int(cfg.folds), int(cfg.fold_workers)
+    jobs = [(replace(cfg, fold=f), out / f"fold_{f}") for f in range(k)]
+    for f, (_, where) in enumerate(jobs):
+        logger.info("Cross-validation fold %d/%d -> %s", f + 1, k, where)
+    if workers <= 1:
+        return [simulate_one(c, resume=resume, out_dir=o) for c, o in jobs]
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, k), mp_context=ctx, initializer=_child_logging,
+                             initargs=(logging.getLogger().getEffectiveLevel(),)) as pool:
+        futures = [pool.submit(simulate_one, c, resume=resume, out_dir=o) for c, o in jobs]
+        return [fut.result() for fut in futures]
+
+
 def crossval(cfg: SimConfig, simulate_one: Callable[..., dict[str, Any]], *, out_dir: Path | None = None,
              resume: bool = False) -> dict[str, Any]:
-    """Run ``simulate_one`` (``tdamil.simulation.cli.simulate``) for every fold; write the summary."""
+    """Run ``simulate_one`` (``tdamil.simulation.cli.simulate``, picklable) for every fold; write the summary."""
     out = Path(out_dir or cfg.output_dir).resolve()
     k = int(cfg.folds)
     t0 = time.perf_counter()
-    fold_summaries = []
-    for f in range(k):
-        logger.info("Cross-validation fold %d/%d -> %s", f + 1, k, out / f"fold_{f}")
-        fold_summaries.append(simulate_one(replace(cfg, fold=f), resume=resume, out_dir=out / f"fold_{f}"))
+    fold_summaries = _run_folds(cfg, simulate_one, out, resume)
     summary: dict[str, Any] = {"out_dir": str(out), "folds": fold_summaries, "seconds": time.perf_counter() - t0,
                                "federation_seconds": sum(s["federation_seconds"] for s in fold_summaries)}
     fold_rows = [s.get("comparison") or [] for s in fold_summaries]

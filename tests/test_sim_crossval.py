@@ -142,3 +142,35 @@ def test_crossval_runs_every_fold_and_writes_the_summary(tmp_path):
     assert "| site_a | 0.800 ± 0.100 |" in md and "| 2 | site_a | 10 | 0.900 (0.500-0.950) |" in md
     assert [r["fold"] for r in csv.DictReader(open(tmp_path / "cv_folds.csv"))] == ["0", "1", "2"]
     assert summary["federation_seconds"] == 3.0
+
+
+def test_two_folds_run_at_once_in_their_own_processes(tmp_path):
+    """fold_workers: 2 with the real per-fold simulation (tiny digits, 1 round): both folds run in
+    spawned processes and their results come back into the summary; not allowed with Ray."""
+    import json
+
+    import torch
+    import yaml
+
+    from tdamil.simulation.cli import main
+
+    cfg = {
+        "output_dir": str(tmp_path / "cv"), "folds": 2, "fold_workers": 2,
+        "model": {"name": "tdamil", "dim": 16, "depth": 1, "num_heads": 2},
+        "data": {"source": "digits", "digits": {"num_sites": 2, "site_test_bags": 6, "bags": {
+            "num_train_bags": 8, "num_val_bags": 4, "num_test_bags": 8, "mean_bag_size": 5}}},
+        "federation": {"rounds": 1, "lr": 0.002, "min_sites": 2},
+        "train": {"progress": False},
+    }
+    (tmp_path / "cv.yaml").write_text(yaml.safe_dump(cfg))
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--config", str(tmp_path / "cv.yaml")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    doc = json.loads((tmp_path / "cv" / "cv_summary.json").read_text())
+    assert len(doc["per_target"]["site_a"]["federated_auroc"]["folds"]) == 2
+    assert (tmp_path / "cv" / "fold_1" / "comparison.md").is_file()
+    (tmp_path / "ray.yaml").write_text(yaml.safe_dump(cfg | {"engine": "ray"}))
+    with pytest.raises(ConfigError, match="fold_workers"):
+        load_sim_config(tmp_path / "ray.yaml")
