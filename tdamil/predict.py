@@ -135,16 +135,19 @@ def predict_site(
         table.to_csv(tmp, index=False)
     with atomic_path(out / "metrics.json") as tmp:
         ci = interval_columns(bootstrap_ci(result.labels, result.probs, dataset.patient_ids))
-        tmp.write_text(json.dumps(json_safe(result.metrics | ci), indent=2))
+        tmp.write_text(json.dumps(json_safe(result.metrics | ci | (result.instance_metrics or {})), indent=2))
     logger.info("Wrote %s and %s", out / "predictions.csv", out / "metrics.json")
 
     if heatmaps:
-        _write_heatmaps(result, table, classes, dataset, data_cfg, out / "heatmaps", slide_extensions)
+        # s_i on the fixed [0, 1] scale; attention weights (sum 1 per slide) ranked and labelled as such
+        name = getattr(getattr(trained.model, "cfg", None), "name", "")
+        style = {} if name == "tdamil" else {"normalize": True, "label": "attention (rank within slide)"}
+        _write_heatmaps(result, table, classes, dataset, data_cfg, out / "heatmaps", slide_extensions, style)
     return table
 
 
 def _write_heatmaps(result: Any, table: Any, classes: list, dataset: Any, data_cfg: DataConfig, folder: Path,
-                    slide_extensions: Optional[Sequence[str]]) -> None:
+                    slide_extensions: Optional[Sequence[str]], style: dict) -> None:
     from tdamil.wsi.extract import ExtractionConfig, plan_jobs
     from tdamil.wsi.geojson import geojson_for_slide
     from tdamil.wsi.heatmap import heatmap_for_slide
@@ -165,7 +168,7 @@ def _write_heatmaps(result: Any, table: Any, classes: list, dataset: Any, data_c
         title = f"{slide_id}: P({positive}) = {table.loc[i, f'prob_{positive}']:.2f} (label {table.loc[i, 'label']})"
         try:
             png = heatmap_for_slide(folder / f"{slide_id}.png", job.path, dataset.path(slide_id), result.scores[i],
-                                    mpp_override=job.mpp_override, title=title)
+                                    mpp_override=job.mpp_override, title=title, **style)
         except Exception as exc:  # noqa: BLE001 - one unreadable slide must not stop the others
             logger.warning("%s: no heatmap (%s)", slide_id, exc)
             continue
