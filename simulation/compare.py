@@ -58,7 +58,11 @@ def _predict_target(target: str, ds: Any, global_model: Any, central: Any, local
     """Every model's probabilities on one target's slides (the site's own local model as local_own)."""
     fed = evaluate(global_model, ds)
     t = TargetPredictions(target, fed.labels, list(ds.patient_ids), {"federated": fed.probs})
-    t.probs["centralised"] = evaluate(central, ds).probs
+    cen = evaluate(central, ds)
+    t.probs["centralised"] = cen.probs
+    for who, res in (("federated", fed), ("centralised", cen)):  # bags with instance labels (digits)
+        if res.instance_metrics is not None:
+            logger.info("%s on %s, instance level: %s", who, target, ", ".join(f"{k} {v:.3f}" for k, v in res.instance_metrics.items()))
     aucs = []
     for name, model in local.items():
         res = evaluate(model, ds)
