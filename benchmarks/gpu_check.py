@@ -142,7 +142,7 @@ def step_extract(device: torch.device, tiny: bool, work: Path) -> dict[str, Any]
     if not tiny:  # a UNI-shaped ViT-L/16 with random weights, written like a downloaded file
         weights = work / "uni_random.bin"
         torch.save(build_encoder("uni").backbone.state_dict(), weights)
-    slides = make_slides(work / "slides", 1 if tiny else 3, 1 if tiny else 5)
+    slides = make_slides(work / "slides", 1 if tiny else 5, 1 if tiny else 5)  # ~40 patches per tile: ~5k
     setup_s = time.perf_counter() - t0
     cfg = ExtractionConfig(encoder=name, weights=weights, device=str(device), patch_size=256,
                            batch_size=32 if tiny else 256, num_workers=0 if tiny else min(12, os.cpu_count() or 1),
