@@ -1,0 +1,60 @@
+"""The README's main-job figures are generated from the recorded run and a fresh run reproduces.
+
+* the README block equals what benchmarks/readme_figures.py renders from
+  benchmarks/results/sim_digits.json (fails when someone edits one without the other);
+* the recorded run was made with the current configs/sim_digits.yaml (fails when the config changes
+  and the figures were not regenerated: ``python benchmarks/readme_figures.py --run``);
+* the simulation is deterministic for a seed: two tiny runs give identical comparison.json files,
+  so regenerating reproduces the recorded numbers on the same code.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _figures():
+    spec = importlib.util.spec_from_file_location("readme_figures", REPO / "benchmarks" / "readme_figures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_figures_are_rendered_from_the_recorded_run():
+    fig = _figures()
+    doc = json.loads(fig.RESULTS.read_text())
+    assert fig.readme_block(fig.README.read_text()) == fig.render(doc), (
+        "README figures differ from benchmarks/results/sim_digits.json; regenerate with "
+        "python benchmarks/readme_figures.py --run")
+    assert doc["recorded"]["config_sha256"] == fig.config_sha256(), (
+        "configs/sim_digits.yaml changed since the recorded run; regenerate with python benchmarks/readme_figures.py --run")
+
+
+def test_simulation_is_deterministic_for_a_seed(tmp_path):
+    from tdamil.simulation.cli import main
+
+    cfg = {
+        "model": {"name": "tdamil", "dim": 16, "depth": 1, "num_heads": 2},
+        "data": {"source": "digits", "digits": {"num_sites": 2, "site_test_bags": 16, "bags": {
+            "num_train_bags": 12, "num_val_bags": 6, "num_test_bags": 16, "mean_bag_size": 5, "seed": 3}}},
+        "federation": {"rounds": 2, "lr": 0.002, "min_sites": 2},
+        "train": {"progress": False, "seed": 0},
+    }
+    docs = []
+    threads = torch.get_num_threads()
+    try:
+        for run in ("a", "b"):
+            (tmp_path / f"{run}.yaml").write_text(yaml.safe_dump(cfg | {"output_dir": str(tmp_path / run)}))
+            assert main(["--config", str(tmp_path / f"{run}.yaml")]) == 0
+            docs.append(json.loads((tmp_path / run / "comparison.json").read_text()))
+    finally:
+        torch.set_num_threads(threads)
+    assert docs[0] == docs[1]
+    assert docs[0]["rows"][0]["federated_auroc_ci_low"] is not None
