@@ -65,7 +65,7 @@ def _pm(s: dict[str, Any]) -> str:
     return f"{s['mean']:.3f} ± {s['sd']:.3f}" if math.isfinite(s["sd"]) else f"{s['mean']:.3f}"
 
 
-def _markdown(summary: dict[str, Any], fold_rows: list[list[dict[str, Any]]], cfg: SimConfig, budget: int) -> str:
+def _markdown(summary: dict[str, Any], fold_rows: list[list[dict[str, Any]]], budget: int) -> str:
     k = summary["folds"]
     lines = [f"# Federated {k}-fold cross-validation (same budget: {budget} epochs per model and fold)", "",
              f"Folds by patient, stratified by label within each site; held-out cohorts never split (evaluated whole "
@@ -147,7 +147,7 @@ def crossval(cfg: SimConfig, simulate_one: Callable[..., dict[str, Any]], *, out
                         "budget_epochs": budget, "sd": "sample (ddof 1)"},
            "seconds": summary["seconds"], **cv}
     (out / "cv_summary.json").write_text(json.dumps(_json_safe(doc), indent=2) + "\n", encoding="utf-8")
-    (out / "cv_summary.md").write_text(_markdown(cv, fold_rows, cfg, budget), encoding="utf-8")
+    (out / "cv_summary.md").write_text(_markdown(cv, fold_rows, budget), encoding="utf-8")
     summary["cv"] = cv
     sm = cv["site_mean_auroc"]
     logger.info("%d-fold CV, mean site AUROC over folds: %s", k, ", ".join(
