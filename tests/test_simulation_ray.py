@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,6 +111,7 @@ def ray_head():
         except ProcessLookupError:
             pass
         log.close()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.e2e
