@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord
 
 from tdamil.config import ConfigError
 from tdamil.checkpoint import load_checkpoint
+from tdamil.federation.run_report import write_run_report
 from tdamil.federation.task import build_model, load_arrays
 from tdamil.logs import setup_logging
 from tdamil.simulation.compare import compare
@@ -57,6 +58,7 @@ def simulate(cfg: SimConfig, *, resume: bool = False, out_dir: Optional[Path] = 
     if cfg.baselines:
         rows = compare(cfg, sims, model, spec, out)
         summary["comparison"] = rows
+        write_run_report(out)  # the federation wrote it each round; now with the comparison table
     summary["seconds"] = time.perf_counter() - t0
     return summary
 
