@@ -115,7 +115,7 @@ def table(rows: list[tuple[str, dict]]) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 def run_demo(args: argparse.Namespace) -> dict:
     from tdamil.federation.demo import write_demo_federation
-    from tdamil.federation.processes import free_port
+    from tdamil.net import free_port
 
     results: dict[str, dict] = {}
     order = ["new", "old"] * args.repeats
@@ -191,7 +191,7 @@ def write_sites(root: Path, bags: int, patches: int, dim: int, fleet: int, inter
 
 
 def run_default(args: argparse.Namespace) -> dict:
-    from tdamil.federation.processes import free_port
+    from tdamil.net import free_port
 
     root = args.work_dir / "default"
     shutil.rmtree(root, ignore_errors=True)

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from tdamil.config import ConfigError, from_dict, load_config
 from tdamil.data.config import DataConfig
-from tdamil.federation.processes import split_host_port
+from tdamil.net import split_host_port
 from tdamil.security.config import PrivacyConfig, SiteAuthConfig, TLSConfig, check_site_name
 from tdamil.train.engine import TrainConfig
 

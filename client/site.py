@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tdamil.config import ConfigError
-from tdamil.federation.processes import flower_bin, flower_env, split_host_port
+from tdamil.federation.processes import flower_bin, flower_env
+from tdamil.net import split_host_port
 from tdamil.federation.supernode import SuperNodeRejected, supervise_supernode
 from tdamil.federation.watchdog import start_watchdog
 

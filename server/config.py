@@ -24,7 +24,7 @@ from typing import Any, Optional
 from tdamil.config import ConfigError, load_config
 from tdamil.data.config import DataConfig
 from tdamil.federation.config import CheckpointConfig, FederationConfig
-from tdamil.federation.processes import split_host_port
+from tdamil.net import split_host_port
 from tdamil.security.config import PrivacyConfig, ServerAuthConfig, TLSConfig
 
 __all__ = ["ServerConfig", "SuperLinkConfig", "HeldOutConfig", "load_server_config", "validate_model"]

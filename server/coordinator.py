@@ -33,10 +33,9 @@ from tdamil.federation.processes import (
     die_with_parent,
     flower_bin,
     flower_env,
-    split_host_port,
-    wait_for_port,
 )
 from tdamil.federation.watchdog import start_watchdog
+from tdamil.net import split_host_port, wait_for_port
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tdamil.config import ConfigError
-from tdamil.federation.processes import split_host_port
+from tdamil.net import split_host_port
 from tdamil.simulation.config import SimConfig, SiteResources
 
 logger = logging.getLogger(__name__)

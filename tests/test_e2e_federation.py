@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tdamil.federation.processes import ManagedProcess, flower_env, free_port
+from tdamil.federation.processes import ManagedProcess, flower_env
+from tdamil.net import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

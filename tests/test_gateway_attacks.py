@@ -36,7 +36,7 @@ from typing import Optional
 import pytest
 import yaml
 
-from tdamil.federation.processes import free_port
+from tdamil.net import free_port
 from tdamil.security.certs import init_pki, issue_site, load_site_public_key
 from tdamil.security.nodeauth import list_site_nodes
 from tdamil.server.gateway import FLEET_PATHS, REFUSED_BODY, refusal

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tdamil.federation.processes import free_port
+from tdamil.net import free_port
 from tdamil.security.certs import init_pki, issue_site
 from tdamil.security.config import SiteAuthConfig, TLSConfig
 from tdamil.security.nodeauth import NodeAuthError, list_site_nodes, register_site_keys, unregister_site

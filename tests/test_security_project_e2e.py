@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tdamil.atomic import sha256_file
-from tdamil.federation.processes import free_port
+from tdamil.net import free_port
 from tdamil.security.certs import init_pki, issue_site
 from tdamil.security.integrity import CheckpointIntegrityError, verify_checkpoint
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tdamil.config import ConfigError
-from tdamil.federation.processes import free_port, wait_for_port
+from tdamil.net import free_port, wait_for_port
 from tdamil.simulation.config import RayConfig, SimConfig, SiteResources, load_sim_config
 from tdamil.simulation.resources import check_inprocess, sites_that_fit
 

@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tdamil.federation.processes import ManagedProcess, flower_env, free_port
+from tdamil.federation.processes import ManagedProcess, flower_env
+from tdamil.net import free_port
 from tdamil.federation.watchdog import descendants, process_table
 
 REPO = Path(__file__).resolve().parents[1]

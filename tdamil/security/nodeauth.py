@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from tdamil.federation.processes import split_host_port, wait_for_port
+from tdamil.net import split_host_port, wait_for_port
 from tdamil.security.certs import CertsError, load_site_public_key, public_key_fingerprint
 
 logger = logging.getLogger(__name__)

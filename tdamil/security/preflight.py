@@ -21,7 +21,7 @@ import ssl
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
-from tdamil.federation.processes import split_host_port
+from tdamil.net import split_host_port
 from tdamil.security.certcheck import CertsError, check_certificate, check_site_key, is_ca, load_cert
 from tdamil.security.config import ServerAuthConfig, SiteAuthConfig, TLSConfig
 
