@@ -21,7 +21,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import uuid
 from pathlib import Path
 from typing import Any, Optional

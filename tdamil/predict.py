@@ -32,9 +32,9 @@ from typing import Any, Optional, Sequence
 from torch import nn
 
 from tdamil.atomic import atomic_path
+from tdamil.checkpoint import CheckpointError, load_checkpoint
 from tdamil.config import ConfigError, json_safe
 from tdamil.data.config import DataConfig
-from tdamil.checkpoint import CheckpointError, load_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from tdamil.federation.timeline import SITE_STAMPS
 

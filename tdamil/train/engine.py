@@ -1,8 +1,8 @@
-"""Local training and evaluation of a MIL model, one bag (slide) per step.
+"""Local training of a MIL model, one bag (slide) per step.
 
 * :class:`TrainConfig`      the ``train:`` section of a YAML, with documented defaults.
 * :func:`train_one_epoch`   one pass over a dataset (optionally with the FedProx proximal term).
-* :func:`evaluate`          slide probabilities, patch scores and :mod:`metrics <tdamil.train.metrics>`.
+* :func:`evaluate`          (from :mod:`tdamil.train.evaluate`) slide probabilities, patch scores, metrics.
 * :func:`fit`               epochs with validation, early stopping, best/last checkpoints
                             (:mod:`tdamil.checkpoint`), history.
 
@@ -13,15 +13,13 @@ gradient is the MEAN over those bags. Mixed precision (bf16 autocast) is used on
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Optional, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,8 +30,9 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, S
 from tdamil.atomic import atomic_path
 from tdamil.checkpoint import save_checkpoint
 from tdamil.data.bags import BagDataset, class_counts
-from tdamil.train.instance_metrics import instance_metrics
-from tdamil.train.metrics import classification_metrics, higher_is_better, nan_metrics
+from tdamil.train.evaluate import EvalResult, evaluate
+from tdamil.train.metrics import higher_is_better, nan_metrics
+from tdamil.train.runtime import autocast, logits_of, model_device, progress, resolve_device, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -125,41 +124,6 @@ class TrainConfig:
 
 
 @dataclass
-class EvalResult:
-    """Outcome of :func:`evaluate`.
-
-    metrics:   every key of :data:`~tdamil.train.metrics.METRIC_KEYS`.
-    probs:     ``[n, C]`` class probabilities per slide.
-    labels:    ``[n]`` true labels.
-    slide_ids: slide names, in dataset order.
-    scores:    per-slide patch relevance ``[n_i]`` (TDA-MIL's s_i, ABMIL's attention) or None
-               (meaning per model: :mod:`tdamil.models.output`).
-    instance_metrics: :func:`~tdamil.train.instance_metrics.instance_metrics` of the scores where the
-               bags carry instance labels and the model gives scores, else None.
-    """
-
-    metrics: dict[str, float]
-    probs: np.ndarray
-    labels: np.ndarray
-    slide_ids: list[str]
-    scores: list[Optional[np.ndarray]]
-    instance_metrics: Optional[dict[str, float]] = None
-
-    def predictions_table(self, classes: Optional[Sequence[Any]] = None) -> Any:
-        """One row per slide: ``slide_id``, ``label``, ``prediction`` and ``prob_<class>`` columns
-        (a pandas DataFrame). ``classes`` names the classes; by default they are 0, 1, ..."""
-        import pandas as pd
-
-        names = list(classes) if classes is not None else list(range(self.probs.shape[1]))
-        table = pd.DataFrame({"slide_id": list(self.slide_ids)})
-        table["label"] = [names[int(i)] for i in self.labels]
-        table["prediction"] = [names[int(i)] for i in self.probs.argmax(axis=1)]
-        for c, name in enumerate(names):
-            table[f"prob_{name}"] = self.probs[:, c]
-        return table
-
-
-@dataclass
 class FitResult:
     """Outcome of :func:`fit`: per-epoch history and where the best epoch was."""
 
@@ -173,50 +137,12 @@ class FitResult:
 
 
 # --------------------------------------------------------------------------------------------
-def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; otherwise ``torch.device(spec)`` (checked)."""
-    if isinstance(spec, torch.device):
-        return spec
-    if spec is None or spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise ValueError(f"device '{spec}' is not understood; use auto, cpu, cuda or cuda:N.") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{spec}' requested but no CUDA GPU is available here; use device: auto or cpu.")
-    return dev
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter (CPU for a parameterless model)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters with ``cfg.lr`` and ``cfg.weight_decay``."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters.")
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
-
-
-def _autocast(device: torch.device, enabled: bool):
-    use = enabled and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=True) if use else contextlib.nullcontext()
-
-
-def _logits(out: Any) -> torch.Tensor:
-    return out.logits if hasattr(out, "logits") else out
 
 
 def _class_weights(dataset: BagDataset, cfg: TrainConfig, device: torch.device) -> Optional[torch.Tensor]:
@@ -250,14 +176,6 @@ def _prox_pairs(model: nn.Module, prox_ref: Any) -> list[tuple[torch.nn.Paramete
             raise ValueError(f"prox_ref['{n}'] has shape {tuple(r.shape)}, the model's is {tuple(p.shape)}.")
         pairs.append((p, r.detach()))
     return pairs
-
-
-def _progress(iterable: Iterable, enabled: bool, **kw: Any) -> Iterable:
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, **kw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,7 +219,7 @@ def train_one_epoch(
     model.train()
     optimizer.zero_grad(set_to_none=True)
     total_loss, correct, steps = 0.0, 0, 0
-    bar = _progress(range(n), cfg.progress and n >= 500, desc=f"epoch {epoch} train", leave=False, unit="bag")
+    bar = progress(range(n), cfg.progress and n >= 500, desc=f"epoch {epoch} train", leave=False, unit="bag")
     for j in bar:
         bag = dataset[order[j]]
         x = bag.features
@@ -312,9 +230,9 @@ def train_one_epoch(
         y = torch.tensor([bag.label], device=device)
         group_start = (j // k) * k
         group_size = min(k, n - group_start)
-        with _autocast(device, cfg.mixed_precision):
+        with autocast(device, cfg.mixed_precision):
             out = model(x)
-        logits = _logits(out)
+        logits = logits_of(out)
         loss = F.cross_entropy(logits.float(), y, weight=weights)
         aux = model.auxiliary_loss(out, y) if hasattr(model, "auxiliary_loss") else None
         if aux is not None:  # e.g. TDA-MIL's selection objective (TDAMILConfig.selection_loss_weight)
@@ -344,42 +262,6 @@ def train_one_epoch(
         with torch.no_grad():
             prox = float(0.5 * prox_mu * sum(float(((p - r) ** 2).sum()) for p, r in pairs))
     return {"loss": total_loss / n, "accuracy": correct / n, "n": float(n), "steps": float(steps), "prox": prox}
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset: BagDataset, device: str | torch.device | None = None, *, progress: bool = False, mixed_precision: bool = True) -> EvalResult:
-    """Predict every bag of ``dataset``; metrics, probabilities and patch scores.
-
-    ``device`` defaults to the model's device. The model's train/eval mode is restored afterwards.
-    """
-    dev = model_device(model) if device is None else resolve_device(device)
-    if dev != model_device(model):
-        model.to(dev)
-    was_training = model.training
-    model.eval()
-    probs, labels, ids, scores, ranking, inst_labels = [], [], [], [], [], []
-    try:
-        for i in _progress(range(len(dataset)), progress, desc="evaluate", leave=False, unit="bag"):
-            bag = dataset[i]
-            with _autocast(dev, mixed_precision):
-                out = model(bag.features.to(dev).unsqueeze(0))
-            logits = _logits(out).float()
-            probs.append(torch.softmax(logits, dim=1)[0].cpu().numpy())
-            labels.append(int(bag.label))
-            ids.append(bag.slide_id)
-            s = getattr(out, "scores", None)
-            scores.append(None if s is None else s[0].float().cpu().numpy())
-            r = getattr(out, "instance_logits", None)
-            ranking.append(None if r is None else r[0].float().cpu().numpy())
-            inst_labels.append(None if bag.instance_labels is None else np.asarray(bag.instance_labels))
-    finally:
-        model.train(was_training)
-    c = dataset.num_classes
-    p = np.stack(probs).astype(np.float64) if probs else np.zeros((0, c))
-    y = np.asarray(labels, dtype=np.int64)
-    metrics = classification_metrics(y, p, num_classes=c) if len(y) else nan_metrics(0)
-    inst = instance_metrics(scores, inst_labels, y.tolist(), [r if r is not None else s for r, s in zip(ranking, scores)])
-    return EvalResult(metrics=metrics, probs=p, labels=y, slide_ids=ids, scores=scores, instance_metrics=inst)
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,7 +348,7 @@ def fit(
     best_state: Optional[dict[str, torch.Tensor]] = None
     since_best, stopped = 0, False
     warned_nan = False
-    bar = _progress(range(cfg.epochs), cfg.progress, desc="epochs", unit="epoch")
+    bar = progress(range(cfg.epochs), cfg.progress, desc="epochs", unit="epoch")
     for epoch in bar:
         t0 = time.perf_counter()
         lr = opt.param_groups[0]["lr"]
