@@ -44,9 +44,12 @@ class MILOutput:
             (``selection_temperature * (max_i cos(x_i,BU, T) - selection_margin)``), the input of its
             auxiliary objective;
             ``None`` for the other models.
+        selection_cosine: ``[B, n]`` TDA-MIL's ``cos(x_i, T)`` before the clamp (-inf at padding),
+            for its per-patch selection terms; ``None`` for the other models.
     """
 
     logits: torch.Tensor
     scores: torch.Tensor | None = None
     instance_logits: torch.Tensor | None = None
     selection_logit: torch.Tensor | None = None
+    selection_cosine: torch.Tensor | None = None

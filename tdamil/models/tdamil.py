@@ -128,6 +128,21 @@ class TDAMILConfig(TransformerMILConfig):
         selection_margin: the cosine at which that objective is undecided (0.25). Above 0, so a bag
             the objective finds borderline still shows its most relevant patches (``s_i`` in
             ``(0, margin)``) instead of a blank map; only a confidently negative bag is all 0.
+
+    Options against a selection that marks whole positive bags instead of their evidence (off by
+    default; probes in ``benchmarks/digits_selection.md``):
+
+        selection_source: the tokens the cosine (and the data init of ``T``) is computed on.
+            ``"bottom_up"`` (default, the paper): ``x_BU`` after step I. ``"projected"``: the projected
+            patch tokens of ``x_0`` before step I, which self-attention has not mixed, so a patch's score
+            depends on that patch only. ``x_TD = Dec(C (s_i x_i,BU))`` still uses ``x_BU``.
+        selection_sparsity_weight: weight of ``mean_i s_i`` per bag (averaged over bags) added to the
+            auxiliary loss (0 = off): the MIL prior that a few patches carry the label.
+        selection_mil: ``"max"`` (default): the objective above. ``"instance"``: every patch of a
+            NEGATIVE bag is a known negative (MIL assumption), so each cosine gets its own BCE against 0
+            (mean over the bag's patches); a POSITIVE bag's logit pools the patch logits
+            ``selection_temperature * (cos_i - selection_margin)`` by log-mean-exp, a soft top-k that
+            needs a few high patches rather than one and spreads the gradient over them.
     """
 
     name: Literal["tdamil"] = "tdamil"  # type: ignore[assignment]
@@ -142,6 +157,9 @@ class TDAMILConfig(TransformerMILConfig):
     selection_loss_weight: float = 1.0
     selection_temperature: float = 10.0
     selection_margin: float = 0.25
+    selection_source: Literal["bottom_up", "projected"] = "bottom_up"
+    selection_sparsity_weight: float = 0.0
+    selection_mil: Literal["max", "instance"] = "max"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -157,6 +175,12 @@ class TDAMILConfig(TransformerMILConfig):
             raise ValueError("selection_loss_weight must be >= 0 and selection_temperature > 0")
         if not -1.0 < self.selection_margin < 1.0:
             raise ValueError(f"selection_margin must be in (-1, 1), got {self.selection_margin}")
+        if self.selection_source not in ("bottom_up", "projected"):
+            raise ValueError(f"selection_source must be 'bottom_up' or 'projected', got {self.selection_source!r}")
+        if self.selection_sparsity_weight < 0:
+            raise ValueError(f"selection_sparsity_weight must be >= 0, got {self.selection_sparsity_weight}")
+        if self.selection_mil not in ("max", "instance"):
+            raise ValueError(f"selection_mil must be 'max' or 'instance', got {self.selection_mil!r}")
 
 
 def check_bag_input(
@@ -328,17 +352,18 @@ class TDAMIL(TransformerMIL):
         return s
 
     def select(
-        self, x_bu: torch.Tensor, token_mask: torch.Tensor | None
+        self, x_bu: torch.Tensor, token_mask: torch.Tensor | None, scored: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Feature selection: ``s = clamp(cos(x_BU, T), 0, 1)`` and ``x_TD = Dec(C (s x_BU))``.
 
-        Returns ``(s, cos, x_td)`` with ``s`` ``[B, n+1]`` (index 0 = CLS, 0 unless ``select_cls``;
+        ``scored``: the tokens the cosine is taken on when not ``x_BU`` (``selection_source``). Returns ``(s, cos, x_td)`` with ``s`` ``[B, n+1]`` (index 0 = CLS, 0 unless ``select_cls``;
         0 at padding), the unclamped cosine ``cos`` ``[B, n+1]`` and ``x_td`` ``[B, n+1, d]`` (0
         wherever ``s`` does not apply).
         """
+        scored = x_bu if scored is None else scored
         if self.training and not bool(self.task_token_ready):
-            self._init_task_token(x_bu, token_mask)
-        cos = F.cosine_similarity(x_bu, self.task_token.view(1, 1, -1), dim=-1, eps=1e-8)
+            self._init_task_token(scored, token_mask)
+        cos = F.cosine_similarity(scored, self.task_token.view(1, 1, -1), dim=-1, eps=1e-8)
         keep = torch.ones_like(cos, dtype=torch.bool) if token_mask is None else token_mask.clone()
         if not self.cfg.select_cls:
             keep[:, 0] = False
@@ -352,7 +377,8 @@ class TDAMIL(TransformerMIL):
         x, mask = check_bag_input(x, mask, self.in_dim)
         tokens, token_mask = self.embed(x, mask)
         x_bu = self.norm(self.run_blocks(self.blocks, tokens, token_mask))  # step I
-        s, cos, x_td = self.select(x_bu, token_mask)
+        scored = tokens if self.cfg.selection_source == "projected" else x_bu
+        s, cos, x_td = self.select(x_bu, token_mask, scored)
         blocks_td = self.blocks if self.blocks_td is None else self.blocks_td
         norm_td = self.norm if self.norm_td is None else self.norm_td
         x_out = norm_td(self.run_blocks(blocks_td, tokens, token_mask, td=x_td))  # step II
@@ -370,19 +396,42 @@ class TDAMIL(TransformerMIL):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         """``x`` float ``[B, n, D]``; ``mask`` bool ``[B, n]`` (True = real patch).
 
-        Returns :class:`MILOutput` with ``scores = s_i`` over the patches (``[B, n]``, in ``[0, 1]``)
-        and ``selection_logit`` = ``selection_temperature * (max_i cos(x_i,BU, T) - selection_margin)`` ``[B]``.
+        Returns :class:`MILOutput` with ``scores = s_i`` over the patches (``[B, n]``, in ``[0, 1]``),
+        ``selection_cosine`` (the cosines, -inf at padding) and ``selection_logit`` ``[B]``: with
+        ``selection_mil="max"`` ``selection_temperature * (max_i cos_i - selection_margin)``; with
+        ``"instance"`` the log-mean-exp over the patches of ``selection_temperature * (cos_i - selection_margin)``.
         """
         trace = self.forward_trace(x, mask)
-        top = trace.cosine.max(dim=1).values
-        logit = self.cfg.selection_temperature * (top - self.cfg.selection_margin)
-        return MILOutput(logits=trace.logits, scores=trace.scores, selection_logit=logit)
+        cfg = self.cfg
+        if cfg.selection_mil == "max":
+            logit = cfg.selection_temperature * (trace.cosine.max(dim=1).values - cfg.selection_margin)
+        else:
+            per_patch = cfg.selection_temperature * (trace.cosine - cfg.selection_margin)  # -inf at padding
+            n_real = torch.isfinite(trace.cosine).sum(dim=1).to(per_patch.dtype)
+            logit = torch.logsumexp(per_patch, dim=1) - n_real.log()
+        return MILOutput(logits=trace.logits, scores=trace.scores, selection_logit=logit, selection_cosine=trace.cosine)
 
     def auxiliary_loss(self, out: MILOutput, target: torch.Tensor) -> torch.Tensor | None:
-        """The selection objective (``selection_loss_weight`` x BCE of ``selection_logit`` against
-        "label != 0"), or None when it is off. ``target`` holds class indices ``[B]``."""
-        if self.cfg.selection_loss_weight == 0 or out.selection_logit is None:
+        """The selection objective, or None when it is off. ``target`` holds class indices ``[B]``.
+
+        ``selection_loss_weight`` x BCE of ``selection_logit`` against "label != 0" (with
+        ``selection_mil="instance"`` a negative bag's term is the mean BCE of each patch against 0),
+        plus ``selection_sparsity_weight`` x the mean of ``s_i`` over each bag's real patches."""
+        cfg = self.cfg
+        if (cfg.selection_loss_weight == 0 and cfg.selection_sparsity_weight == 0) or out.selection_logit is None:
             return None
-        positive = (target != 0).to(out.selection_logit.dtype)
-        bce = F.binary_cross_entropy_with_logits(out.selection_logit.float(), positive.float())
-        return self.cfg.selection_loss_weight * bce
+        logit = out.selection_logit.float()
+        positive = (target != 0).to(logit.dtype)
+        real = torch.isfinite(out.selection_cosine) if out.selection_cosine is not None else None
+        if cfg.selection_mil == "max" or real is None:
+            bce = F.binary_cross_entropy_with_logits(logit, positive)
+        else:
+            patch_logit = cfg.selection_temperature * (out.selection_cosine.float() - cfg.selection_margin)
+            per_patch = F.softplus(patch_logit).masked_fill(~real, 0.0)  # BCE of each patch against 0
+            negative_term = per_patch.sum(dim=1) / real.sum(dim=1)
+            bce = torch.where(positive > 0, F.softplus(-logit), negative_term).mean()
+        loss = cfg.selection_loss_weight * bce
+        if cfg.selection_sparsity_weight > 0 and out.scores is not None and real is not None:
+            density = (out.scores.float() * real).sum(dim=1) / real.sum(dim=1)
+            loss = loss + cfg.selection_sparsity_weight * density.mean()
+        return loss

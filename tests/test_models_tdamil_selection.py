@@ -1,0 +1,115 @@
+"""TDA-MIL's options against a selection that marks whole positive bags (issue #8 follow-up):
+``selection_source``, ``selection_sparsity_weight`` and ``selection_mil``. All off by default."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tdamil.models import TDAMIL, create_model, model_config_from_dict
+
+IN_DIM, DIM, HEADS = 12, 16, 4
+
+
+def _model(**fields) -> TDAMIL:
+    torch.manual_seed(0)
+    cfg = {"name": "tdamil", "dim": DIM, "depth": 2, "num_heads": HEADS, **fields}
+    return create_model(cfg, in_dim=IN_DIM, num_classes=2).double()
+
+
+def _bag(seed: int = 0, n: int = 9) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return 1.0 + torch.randn(1, n, IN_DIM, generator=g, dtype=torch.double)
+
+
+@pytest.mark.parametrize("fields", [{"selection_sparsity_weight": 0.5}, {"selection_mil": "instance"},
+                                    {"selection_source": "bottom_up"}])
+def test_loss_only_options_leave_the_forward_pass_unchanged(fields):
+    X = _bag()
+    ref, other = _model().eval(), _model(**fields).eval()
+    with torch.no_grad():
+        a, b = ref(X), other(X)
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
+    torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=0)
+
+
+def test_projected_source_scores_each_patch_on_its_own_token():
+    model = _model(selection_source="projected").eval()
+    X = _bag()
+    with torch.no_grad():
+        trace = model.forward_trace(X)
+        expected = F.cosine_similarity(trace.tokens[:, 1:], model.task_token.view(1, 1, -1), dim=-1).clamp(0, 1)
+        torch.testing.assert_close(trace.scores, expected)
+        # x_TD still rescales the bottom-up tokens (paper's step I output), only the score moved.
+        s = torch.cat([torch.zeros(1, 1, dtype=X.dtype), trace.scores], dim=1)
+        x_td = model.decoder((s.unsqueeze(-1) * trace.x_bu) @ model.channel_matrix.t())
+        x_td[:, 0] = 0
+        torch.testing.assert_close(trace.x_td, x_td)
+        # A patch's score no longer depends on the other patches of the bag; with x_BU it does.
+        Y = X.clone()
+        Y[0, 1:] += 3.0
+        assert torch.equal(model.forward_trace(Y).cosine[0, 0], trace.cosine[0, 0])
+        mixed = _model().eval()
+        assert not torch.equal(mixed.forward_trace(Y).cosine[0, 0], mixed.forward_trace(X).cosine[0, 0])
+
+
+def test_data_init_uses_the_scored_tokens():
+    model = _model(selection_source="projected").train()
+    X = _bag()
+    model(X)
+    with torch.no_grad():
+        tokens, _ = model.embed(X, None)
+    torch.testing.assert_close(model.task_token.detach(), F.normalize(tokens[0, 1:].mean(0), dim=0))
+
+
+def test_sparsity_term_adds_mean_score_and_its_gradient_lowers_the_scores():
+    X, y = _bag(), torch.tensor([1])
+    base, sparse = _model().train(), _model(selection_sparsity_weight=0.5).train()
+    out_b, out_s = base(X), sparse(X)
+    diff = sparse.auxiliary_loss(out_s, y) - base.auxiliary_loss(out_b, y)
+    torch.testing.assert_close(diff, 0.5 * out_s.scores.mean().float())
+    only = _model(selection_loss_weight=0.0, selection_sparsity_weight=1.0).train()
+    out = only(X)
+    before = float(out.scores.detach().mean())
+    only.auxiliary_loss(out, y).backward()
+    with torch.no_grad():
+        only.task_token.sub_(0.05 * only.task_token.grad / only.task_token.grad.norm())
+    assert float(only(X).scores.detach().mean()) < before
+
+
+def test_instance_objective_pushes_every_patch_of_negative_bags_down_and_positive_bags_up():
+    model = _model(selection_mil="instance").train()
+    cfg = model.cfg
+    for label, sign in ((0, 1.0), (1, -1.0)):
+        out = model(_bag(label))
+        out.selection_cosine.retain_grad()
+        loss = model.auxiliary_loss(out, torch.tensor([label]))
+        loss.backward()
+        grad = out.selection_cosine.grad[0]
+        assert bool((sign * grad > 0).all()), grad  # every patch: down for negative, up for positive
+        z = cfg.selection_temperature * (out.selection_cosine.detach()[0] - cfg.selection_margin)
+        if label == 0:  # mean BCE of every patch against 0
+            torch.testing.assert_close(loss.detach(), F.softplus(z).mean().float())
+        else:  # log-mean-exp pooled logit against 1: the top patch gets the largest push
+            pooled = torch.logsumexp(z, 0) - torch.log(torch.tensor(float(z.numel()), dtype=z.dtype))
+            torch.testing.assert_close(loss.detach(), F.softplus(-pooled).float())
+            assert int(grad.abs().argmax()) == int(z.argmax())
+
+
+def test_instance_objective_ignores_padding():
+    model = _model(selection_mil="instance", selection_sparsity_weight=0.3).eval()
+    X = _bag(0, n=6)
+    padded = torch.cat([X, torch.zeros(1, 3, IN_DIM, dtype=X.dtype)], dim=1)
+    mask = torch.tensor([[True] * 6 + [False] * 3])
+    for label in (0, 1):
+        y = torch.tensor([label])
+        torch.testing.assert_close(model.auxiliary_loss(model(padded, mask), y), model.auxiliary_loss(model(X), y))
+
+
+def test_new_selection_options_are_validated():
+    from tdamil.config import ConfigError
+
+    for bad in ({"selection_source": "raw"}, {"selection_sparsity_weight": -0.1}, {"selection_mil": "mean"}):
+        with pytest.raises(ConfigError):
+            model_config_from_dict({"name": "tdamil", **bad})
