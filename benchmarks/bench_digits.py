@@ -47,6 +47,13 @@ ABLATION: dict[str, dict[str, Any]] = {
     "paper (random T, exact grad, no aux)": dict(task_init="random", selection_grad="exact", selection_loss_weight=0.0),
     "aux margin 0 (random T, exact grad)": dict(task_init="random", selection_grad="exact", selection_margin=0.0),
     "default: data-init + leaky + aux margin 0.25": {},
+    # Against a selection that marks whole positive bags (options off by default; digits_selection.md).
+    "sparsity 0.5": dict(selection_sparsity_weight=0.5),
+    "projected": dict(selection_source="projected"),
+    "pre_last": dict(selection_source="pre_last"),
+    "instance": dict(selection_mil="instance"),
+    "instance + sparsity 0.5": dict(selection_mil="instance", selection_sparsity_weight=0.5),
+    "instance + projected": dict(selection_source="projected", selection_mil="instance"),
 }
 
 

@@ -54,6 +54,15 @@ def test_projected_source_scores_each_patch_on_its_own_token():
         assert not torch.equal(mixed.forward_trace(Y).cosine[0, 0], mixed.forward_trace(X).cosine[0, 0])
 
 
+def test_pre_last_source_scores_the_input_of_the_last_bottom_up_block():
+    model = _model(selection_source="pre_last").eval()
+    X = _bag()
+    with torch.no_grad():
+        trace = model.forward_trace(X)
+        expected = F.cosine_similarity(model.blocks[0](trace.tokens)[:, 1:], model.task_token.view(1, 1, -1), dim=-1)
+        torch.testing.assert_close(trace.cosine, expected)
+
+
 def test_data_init_uses_the_scored_tokens():
     model = _model(selection_source="projected").train()
     X = _bag()

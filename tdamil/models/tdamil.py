@@ -135,7 +135,8 @@ class TDAMILConfig(TransformerMILConfig):
         selection_source: the tokens the cosine (and the data init of ``T``) is computed on.
             ``"bottom_up"`` (default, the paper): ``x_BU`` after step I. ``"projected"``: the projected
             patch tokens of ``x_0`` before step I, which self-attention has not mixed, so a patch's score
-            depends on that patch only. ``x_TD = Dec(C (s_i x_i,BU))`` still uses ``x_BU``.
+            depends on that patch only. ``"pre_last"``: the tokens entering step I's last block (for
+            ``depth = 1`` the projected ones), a middle ground. ``x_TD = Dec(C (s_i x_i,BU))`` still uses ``x_BU``.
         selection_sparsity_weight: weight of ``mean_i s_i`` per bag (averaged over bags) added to the
             auxiliary loss (0 = off): the MIL prior that a few patches carry the label.
         selection_mil: ``"max"`` (default): the objective above. ``"instance"``: every patch of a
@@ -157,7 +158,7 @@ class TDAMILConfig(TransformerMILConfig):
     selection_loss_weight: float = 1.0
     selection_temperature: float = 10.0
     selection_margin: float = 0.25
-    selection_source: Literal["bottom_up", "projected"] = "bottom_up"
+    selection_source: Literal["bottom_up", "projected", "pre_last"] = "bottom_up"
     selection_sparsity_weight: float = 0.0
     selection_mil: Literal["max", "instance"] = "max"
 
@@ -175,8 +176,8 @@ class TDAMILConfig(TransformerMILConfig):
             raise ValueError("selection_loss_weight must be >= 0 and selection_temperature > 0")
         if not -1.0 < self.selection_margin < 1.0:
             raise ValueError(f"selection_margin must be in (-1, 1), got {self.selection_margin}")
-        if self.selection_source not in ("bottom_up", "projected"):
-            raise ValueError(f"selection_source must be 'bottom_up' or 'projected', got {self.selection_source!r}")
+        if self.selection_source not in ("bottom_up", "projected", "pre_last"):
+            raise ValueError(f"selection_source must be 'bottom_up', 'projected' or 'pre_last', got {self.selection_source!r}")
         if self.selection_sparsity_weight < 0:
             raise ValueError(f"selection_sparsity_weight must be >= 0, got {self.selection_sparsity_weight}")
         if self.selection_mil not in ("max", "instance"):
@@ -376,8 +377,9 @@ class TDAMIL(TransformerMIL):
         """Run the model and return every intermediate (see :class:`TDAMILTrace`)."""
         x, mask = check_bag_input(x, mask, self.in_dim)
         tokens, token_mask = self.embed(x, mask)
-        x_bu = self.norm(self.run_blocks(self.blocks, tokens, token_mask))  # step I
-        scored = tokens if self.cfg.selection_source == "projected" else x_bu
+        pre_last = self.run_blocks(self.blocks[:-1], tokens, token_mask)  # step I, split to expose
+        x_bu = self.norm(self.blocks[-1](pre_last, mask=token_mask))  # the last block's input
+        scored = {"projected": tokens, "pre_last": pre_last}.get(self.cfg.selection_source, x_bu)
         s, cos, x_td = self.select(x_bu, token_mask, scored)
         blocks_td = self.blocks if self.blocks_td is None else self.blocks_td
         norm_td = self.norm if self.norm_td is None else self.norm_td
