@@ -8,7 +8,9 @@ tdamil             ``s_i = clamp(cos(x_i,BU, T), 0, 1)``: the paper's feature-se
                    absolute value in [0, 1] comparable across slides. With the default training
                    (``selection_loss_weight > 0``) ``s_i > 0`` means "evidence for the positive
                    class" and a negative slide may have every ``s_i = 0``. Plotted on a fixed [0, 1]
-                   scale; pooled instance AUROC uses ``s_i`` itself.
+                   scale; pooled instance AUROC uses ``s_i`` itself. With ``selection_source`` other
+                   than ``"bottom_up"`` the cosine is taken on less mixed tokens (``x_i`` before step I
+                   or before its last block), same range and meaning.
 abmil,             attention weights ``a_i = softmax_i(...)``: they sum to 1 over a bag, so a patch of
 gated_abmil        a 10-patch bag and one of a 10k-patch bag are not comparable. Heatmaps show them as
                    "attention" scaled per slide; within-bag metrics (top-1 hit, within-bag AUROC) use
