@@ -8,6 +8,7 @@ import pytest
 
 from tdamil.data.h5 import write_features
 from tdamil.train.cli import main
+from tdamil.train.instance_metrics import INSTANCE_METRIC_KEYS
 from tdamil.train.metrics import METRIC_KEYS
 
 
@@ -33,7 +34,9 @@ def test_cli_digits_writes_csv_png_json(tmp_path, capsys):
     assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     res = json.loads((out / "test_metrics.json").read_text())
     ci_keys = {f"{k}_ci_{end}" for k in ("auroc", "balanced_accuracy", "f1") for end in ("low", "high")}
-    assert set(res["test"]) == set(METRIC_KEYS) | ci_keys and res["test"]["n"] == 20
+    # digits bags carry instance labels, so the patch-level metrics of s_i are reported too
+    assert set(res["test"]) == set(METRIC_KEYS) | ci_keys | set(INSTANCE_METRIC_KEYS) and res["test"]["n"] == 20
+    assert 0.0 <= res["test"]["inst_auroc"] <= 1.0
     assert res["test"]["auroc_ci_low"] <= res["test"]["auroc"] <= res["test"]["auroc_ci_high"]
     assert (out / "best.pt").is_file() and (out / "last.pt").is_file() and (out / "config.yaml").is_file()
     assert len((out / "test_predictions.csv").read_text().splitlines()) == 21

@@ -317,8 +317,11 @@ class TDAMIL(TransformerMIL):
         self.task_token = nn.Parameter(torch.empty(d))
         nn.init.trunc_normal_(self.task_token, std=0.02)
         # 1.0 once T holds its initial value (always for task_init "random"; after the first
-        # training bag for "data"). A buffer, so checkpoints and federated weights carry it.
-        self.register_buffer("task_token_ready", torch.tensor(float(cfg.task_init == "random")))
+        # training bag for "data"). A buffer, so checkpoints and federated weights carry it. Shape (1,),
+        # never 0-d: Flower's DP clipping scales updates in place, which a 0-d array escapes (its
+        # update stayed unclipped and every DP reply was dropped). Read as "> 0.5" because FedAvg
+        # and DP noise make it a real number; below 0.5 a site re-initialises T from its data.
+        self.register_buffer("task_token_ready", torch.full((1,), float(cfg.task_init == "random")))
         init = torch.eye(d) if cfg.channel_init == "identity" else torch.zeros(d, d)
         self.channel_matrix = nn.Parameter(init)
         self.decoder = Mlp(d, max(1, int(round(d * cfg.decoder_ratio))), d, drop=cfg.dropout, bias=cfg.decoder_bias)
@@ -362,7 +365,7 @@ class TDAMIL(TransformerMIL):
         wherever ``s`` does not apply).
         """
         scored = x_bu if scored is None else scored
-        if self.training and not bool(self.task_token_ready):
+        if self.training and not float(self.task_token_ready[0]) > 0.5:
             self._init_task_token(scored, token_mask)
         cos = F.cosine_similarity(scored, self.task_token.view(1, 1, -1), dim=-1, eps=1e-8)
         keep = torch.ones_like(cos, dtype=torch.bool) if token_mask is None else token_mask.clone()
