@@ -9,6 +9,7 @@ Without a CUDA GPU it records the reason and exits 0. Part of ``benchmarks/gpu_c
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -19,10 +20,15 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-OUT = REPO / "benchmarks" / "results" / "gpu_check_ray_share.json"
+OUT_NAME = "gpu_check_ray_share.json"
 
 
 def main() -> int:
+    # the same --out folder as gpu_check.py (other gpu_check options are ignored here)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    OUT = parser.parse_known_args()[0].out / OUT_NAME
+    OUT.parent.mkdir(parents=True, exist_ok=True)
     if not torch.cuda.is_available():
         OUT.write_text(json.dumps({"skipped": "no CUDA GPU on this machine"}, indent=2))
         print("ray_share: skipped (no CUDA GPU)")
