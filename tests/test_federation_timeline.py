@@ -125,3 +125,24 @@ def test_site_segments_sum_to_sent_to_received_whatever_the_stamps():
     assert seg["push + poll"] == pytest.approx(0.5)
     late = site_segments(100.0, 101.0, {"time-reply-built": 109.0})  # site clock ahead: clamped
     assert sum(late.values()) == pytest.approx(1.0) and min(late.values()) >= 0
+
+
+def test_an_error_reply_from_the_superlink_names_the_site_it_was_sent_to(tmp_path):
+    """A site killed mid-round gets an error reply whose sender is the SuperLink (node id 1): the
+    audit names the site the message was sent to, never ``site: null`` with the SuperLink's id."""
+    from types import SimpleNamespace
+
+    from tdamil.federation.audit import AuditLog, read_audit
+    from tdamil.federation.loop import RoundLoop
+
+    loop = RoundLoop.__new__(RoundLoop)  # only the audit and the node -> site map are used here
+    loop.audit = AuditLog(tmp_path / "audit.jsonl")
+    loop.node_sites = {}
+    loop.fed = SimpleNamespace(round_timeout_s=60.0)
+    grid = SimpleNamespace(site_names={1001: "site_b"}, received_at={})
+    sent = SimpleNamespace(metadata=SimpleNamespace(message_id="m-1", dst_node_id=1001))
+    error = SimpleNamespace(metadata=SimpleNamespace(src_node_id=1, reply_to_message_id="m-1"),
+                            has_error=lambda: True, error=SimpleNamespace(reason="node went offline", code=1))
+    assert loop._collect(grid, 3, "train", [sent], [error]) == []
+    (failure,) = [e for e in read_audit(tmp_path / "audit.jsonl") if e["event"] == "failure"]
+    assert failure["site"] == "site_b" and failure["node_id"] == 1001 and failure["round"] == 3

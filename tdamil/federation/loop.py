@@ -289,9 +289,13 @@ class RoundLoop:
         valid = []
         arrived = getattr(grid, "received_at", {})
         answered = {r.metadata.reply_to_message_id for r in replies}
+        # an error reply for a site that died comes from the SuperLink itself (its own node id), so
+        # the site is found through the message it answers
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
+                node = sent_to.get(reply.metadata.reply_to_message_id, node)
                 self.audit.failure(rnd, phase, reply.error.reason or f"error code {reply.error.code}",
                                    site=self._site_of(grid, node), node_id=node)
                 continue
