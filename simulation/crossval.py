@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from tdamil.config import json_safe
 from tdamil.simulation.config import SimConfig
 from tdamil.simulation.report import MODELS, site_means
 from tdamil.stats import Interval, format_interval
@@ -91,16 +92,6 @@ def _markdown(summary: dict[str, Any], fold_rows: list[list[dict[str, Any]]], bu
     return "\n".join(lines) + "\n"
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def _child_logging(level: int) -> None:
     from tdamil.logs import setup_logging  # noqa: PLC0415
 
@@ -146,7 +137,7 @@ def crossval(cfg: SimConfig, simulate_one: Callable[..., dict[str, Any]], *, out
     doc = {"protocol": {"folds": k, "unit": "patient", "stratified_within": "site", "held_out": "never split",
                         "budget_epochs": budget, "sd": "sample (ddof 1)"},
            "seconds": summary["seconds"], **cv}
-    (out / "cv_summary.json").write_text(json.dumps(_json_safe(doc), indent=2) + "\n", encoding="utf-8")
+    (out / "cv_summary.json").write_text(json.dumps(json_safe(doc), indent=2) + "\n", encoding="utf-8")
     (out / "cv_summary.md").write_text(_markdown(cv, fold_rows, budget), encoding="utf-8")
     summary["cv"] = cv
     sm = cv["site_mean_auroc"]

@@ -23,6 +23,7 @@ from typing import Any, Optional
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry
 
+from tdamil.config import json_safe
 from tdamil.stats import (CI_METRICS, Difference, Interval, bootstrap_ci, compare_predictions, format_interval, holm,
                           short_verdict)
 
@@ -93,16 +94,6 @@ def site_means(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def _iv(row: dict[str, Any], key: str) -> Interval:
     return Interval(row[key], row[f"{key}_ci_low"], row[f"{key}_ci_high"])
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _markdown(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], budget: int, ci: CISettings,
@@ -203,7 +194,7 @@ def write_comparison(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], ou
     doc = {"budget_epochs": budget, "bootstrap": {"unit": "patient", "stratified_by": "class",
                                                   "resamples": ci.n_resamples, "level": ci.level, "seed": ci.seed},
            "site_mean_auroc": site_means(rows), "rows": rows, "pairs": pairs, **(extra or {})}
-    (out_dir / "comparison.json").write_text(json.dumps(_json_safe(doc), indent=2) + "\n", encoding="utf-8")
+    (out_dir / "comparison.json").write_text(json.dumps(json_safe(doc), indent=2) + "\n", encoding="utf-8")
     (out_dir / "comparison.md").write_text(_markdown(rows, pairs, budget, ci, title), encoding="utf-8")
     plots = out_dir / "plots"
     plots.mkdir(exist_ok=True)
