@@ -72,18 +72,7 @@ def load_manifest(path: str | Path, classes: Optional[Sequence[str]] = None) -> 
         ``df.attrs["source"]`` are set. ``slide_path`` values are resolved relative to the CSV's folder.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"{path}: manifest CSV not found. Check data.manifest in your YAML (cwd is {Path.cwd()}).")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except pd.errors.EmptyDataError:
-        raise ManifestError(
-            f"{path}: the manifest is empty. It needs a header line 'slide_id,patient_id,label' and one row per slide."
-        ) from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path}: not a readable CSV ({exc}). Save it as comma-separated UTF-8 text.") from None
-
-    df.columns = [str(c).strip() for c in df.columns]
+    df = _read_csv(path, "slide_id,patient_id,label")
     if "site" in df.columns and "cohort" not in df.columns:
         df = df.rename(columns={"site": "cohort"})
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
@@ -168,11 +157,7 @@ def load_manifest(path: str | Path, classes: Optional[Sequence[str]] = None) -> 
         df["fold"] = folds.astype(int)
         _check_patient_consistent(df, "fold", path)
 
-    if "slide_path" in df.columns:
-        base = path.resolve().parent
-        df["slide_path"] = [
-            "" if not p else str(Path(p) if Path(p).is_absolute() else base / p) for p in df["slide_path"]
-        ]
+    _resolve_slide_paths(df, path)
 
     df.attrs["classes"] = class_list
     df.attrs["source"] = str(path)
@@ -210,15 +195,7 @@ def load_slide_list(path: str | Path) -> pd.DataFrame:
     ``slide_path`` values are resolved relative to the CSV's folder, as in :func:`load_manifest`.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"{path}: manifest CSV not found. Check data.manifest in your YAML (cwd is {Path.cwd()}).")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except pd.errors.EmptyDataError:
-        raise ManifestError(f"{path}: the manifest is empty. It needs a header line 'slide_id' and one row per slide.") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path}: not a readable CSV ({exc}). Save it as comma-separated UTF-8 text.") from None
-    df.columns = [str(c).strip() for c in df.columns]
+    df = _read_csv(path, "slide_id")
     if "slide_id" not in df.columns:
         raise ManifestError(f"{path}: no slide_id column (found: {', '.join(df.columns) or 'nothing'}). "
                             "Extraction needs at least a header line 'slide_id' and one slide per row.")
@@ -232,8 +209,28 @@ def load_slide_list(path: str | Path) -> pd.DataFrame:
         dup_id = df.loc[dup, "slide_id"].iloc[0]
         raise ManifestError(f"{path}: duplicate slide_id '{dup_id}' on rows {_rows(df.index[df['slide_id'] == dup_id].tolist())}. "
                             "Each slide must appear once.")
+    _resolve_slide_paths(df, path)
+    df.attrs["source"] = str(path)
+    return df
+
+
+def _read_csv(path: Path, header: str) -> pd.DataFrame:
+    """The CSV as text columns with stripped names; a missing, empty or unreadable file is a
+    :class:`ManifestError` naming the file and the fix (``header``: the header line it needs)."""
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest CSV not found. Check data.manifest in your YAML (cwd is {Path.cwd()}).")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise ManifestError(f"{path}: the manifest is empty. It needs a header line '{header}' and one row per slide.") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: not a readable CSV ({exc}). Save it as comma-separated UTF-8 text.") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    return df
+
+
+def _resolve_slide_paths(df: pd.DataFrame, path: Path) -> None:
+    """``slide_path`` values, where the column exists, resolved relative to the CSV's folder."""
     if "slide_path" in df.columns:
         base = path.resolve().parent
         df["slide_path"] = ["" if not p else str(Path(p) if Path(p).is_absolute() else base / p) for p in df["slide_path"]]
-    df.attrs["source"] = str(path)
-    return df
