@@ -43,6 +43,9 @@ def setup_logging(verbose: bool = False, level: int | str | None = None) -> None
         level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, format=LOG_FORMAT, datefmt=DATE_FORMAT)
     route_flower_to_root()
+    if not verbose:  # one INFO line per HTTP request (a site's SuperExec polls 10 times a second) is noise
+        for name in ("httpx", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def route_flower_to_root() -> None:
