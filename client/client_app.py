@@ -90,9 +90,15 @@ def _spec(msg: Message, rt: SiteRuntime) -> ModelSpec:
 
 
 def _start_stamps() -> dict[str, float]:
-    """The stamps known when a handler starts: process creation, app import, handler entry."""
-    return {"time-process-start": _PROCESS_START, "time-import-start": _IMPORT_START,
-            "time-imported": _IMPORTED, "time-handler-start": time.time()}
+    """The stamps known when a handler starts: process creation, app import, handler entry.
+
+    Read per message: a warm start (:mod:`tdamil.client.warm_start`) forks this process from one that
+    imported this module earlier, so the import happened before the process began (0 s for it)."""
+    started = process_start_time()
+    if not started == started:  # NaN (no /proc): the import time is the best stamp there is
+        started = _PROCESS_START
+    return {"time-process-start": started, "time-import-start": max(_IMPORT_START, started),
+            "time-imported": max(_IMPORTED, started), "time-handler-start": time.time()}
 
 
 def make_client_app(provider: SiteProvider) -> ClientApp:

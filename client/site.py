@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tdamil.config import ConfigError
-from tdamil.federation.processes import flower_bin, flower_env
+from tdamil.federation.processes import flower_env
 from tdamil.net import split_host_port
 from tdamil.federation.supernode import SuperNodeRejected, supervise_supernode
 from tdamil.federation.watchdog import start_watchdog
@@ -63,8 +63,12 @@ def supernode_command(cfg: Any, config_path: Path, *, insecure: bool = False) ->
     """The ``flower-supernode`` command line for a validated site config."""
     fed = cfg.federation
     node_config = f'site="{cfg.site}" config="{Path(config_path).resolve()}"'
-    cmd = [flower_bin("flower-supernode"), "--superlink", fed.superlink, "--host", "127.0.0.1",
-           "--port", str(fed.runtime_port), "--node-config", node_config]
+    # Flower's flower-supernode, run with a shorter idle poll (tdamil.client.supernode_poll)
+    cmd = [sys.executable, "-m", "tdamil.client.supernode_poll", "--poll-interval", f"{fed.poll_interval_s:g}",
+           "--superlink", fed.superlink, "--host", "127.0.0.1", "--port", str(fed.runtime_port),
+           "--node-config", node_config]
+    if fed.warm_start:  # the ClientApps come from tdamil.client.warm_start, started beside it
+        cmd += ["--isolation", "process"]
     if insecure:
         cmd.append("--insecure")
     else:
@@ -165,7 +169,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     watchdog = start_watchdog()  # noqa: F841 - Flower's clientapp processes go when this process dies
     cmd = supernode_command(cfg, path, insecure=args.insecure)
     try:
-        return supervise_supernode(cmd, flower_env(state, threads=cfg.federation.cpu_threads), restart=not args.once)
+        companion = None
+        if cfg.federation.warm_start:
+            from tdamil.client.warm_start import warm_superexec_command  # noqa: PLC0415
+
+            port = cfg.federation.runtime_port
+            companion = lambda supernode_pid: warm_superexec_command(port, supernode_pid)  # noqa: E731
+        return supervise_supernode(cmd, flower_env(state, threads=cfg.federation.cpu_threads), restart=not args.once,
+                                   companion=companion)
     except SuperNodeRejected:
         print(f"error: {_rejected_message(cfg)}", file=sys.stderr)
         return 3

@@ -128,6 +128,12 @@ def test_real_processes_resume_and_a_site_dying_mid_round(tmp_path):
         assert any(not torch.equal(ck1["model_state"][k], ck2["model_state"][k]) for k in init), "round 2 changed nothing"
         heldout = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert {r["round"] for r in heldout if r["phase"] == "heldout"} == {0, 1, 2}
+
+        # warm start (the default): site_a's ClientApps were forked from its pre-imported SuperExec, so no
+        # round paid Python's start-up or the imports again (tdamil.client.warm_start)
+        assert "Warm start: the ClientApp stack is imported" in (tmp_path / "logs" / "site_a.log").read_text()
+        timelines = [e["sites"]["site_a"] for e in ev if e["event"] == "round_timeline" and "site_a" in e["sites"]]
+        assert timelines and all(t["app imports"] == 0.0 and t["python + flower start"] < 0.5 for t in timelines)
     finally:
         for proc in reversed(procs):
             proc.stop(grace=5)

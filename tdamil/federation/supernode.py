@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from tdamil.federation.processes import ManagedProcess
 
@@ -58,25 +58,50 @@ class _Output:
             self.accepted.set()
 
 
-def _run_once(cmd: list[str], env: dict[str, str], hang_grace: float) -> tuple[Optional[int], _Output]:
-    """Run one SuperNode until it exits (or hangs after its last line); returns (exit code, output)."""
+def _run_once(cmd: list[str], env: dict[str, str], hang_grace: float,
+              companion: Optional[Callable[[int], list[str]]] = None) -> tuple[Optional[int], _Output]:
+    """Run one SuperNode until it exits (or hangs after its last line); returns (exit code, output).
+
+    ``companion(supernode_pid)``: the command of a process that serves this SuperNode (the warm-start
+    SuperExec of ``--isolation process``); it is started after the SuperNode and stopped with it, and
+    if it dies the SuperNode is restarted with a fresh one (it would receive no task otherwise)."""
     out = _Output()
     proc = ManagedProcess("flower-supernode", cmd, None, env=env, on_line=out)
+    helper = None
     try:
+        if companion is not None:
+            helper = ManagedProcess("warm-start", companion(proc.pid), None, env=env, on_line=_echo("warm-start"))
         ended_at: Optional[float] = None
         while proc.poll() is None:
             if out.ended.is_set() or out.rejected.is_set():
                 ended_at = ended_at or time.monotonic()
                 if time.monotonic() - ended_at > hang_grace:
                     break
+            if helper is not None and helper.poll() is not None:
+                logger.warning("The warm-start SuperExec stopped (exit code %s); restarting the SuperNode with it.",
+                               helper.poll())
+                break
             time.sleep(0.2)
     finally:
+        if helper is not None:
+            helper.stop()
         code = proc.stop()  # SIGTERM, SIGKILL 5 s later (also on Ctrl-C)
     return code, out
 
 
+def _echo(source: str) -> Callable[[str], None]:
+    def echo(line: str) -> None:
+        from tdamil.logs import reformat_flower_line  # noqa: PLC0415
+
+        sys.stdout.write(reformat_flower_line(line, source=source))
+        sys.stdout.flush()
+
+    return echo
+
+
 def supervise_supernode(cmd: list[str], env: dict[str, str], *, restart: bool = True,
-                        backoff: tuple[float, float] = (2.0, 30.0), hang_grace: float = 10.0) -> int:
+                        backoff: tuple[float, float] = (2.0, 30.0), hang_grace: float = 10.0,
+                        companion: Optional[Callable[[int], list[str]]] = None) -> int:
     """Run the SuperNode; restart it when it stops (coordinator restarted, network lost) until
     Ctrl-C / SIGTERM. Returns the exit code (130 when interrupted); raises :class:`SuperNodeRejected`
     when the coordinator refuses the key before ever accepting it."""
@@ -90,7 +115,7 @@ def supervise_supernode(cmd: list[str], env: dict[str, str], *, restart: bool = 
     try:
         while True:
             started = time.monotonic()
-            code, out = _run_once(cmd, env, hang_grace)
+            code, out = _run_once(cmd, env, hang_grace, companion)
             accepted_once = accepted_once or out.accepted.is_set()
             if out.rejected.is_set() and not accepted_once:
                 raise SuperNodeRejected("the coordinator refused this site's key")
