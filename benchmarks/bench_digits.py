@@ -44,16 +44,19 @@ INST_KEYS = ("inst_auroc", "inst_within_auroc", "inst_top1_hit", "all_zero_bags"
 
 # TDA-MIL selection variants of the --ablation (issue #8); "default" = the TDAMILConfig defaults.
 ABLATION: dict[str, dict[str, Any]] = {
-    "paper (random T, exact grad, no aux)": dict(task_init="random", selection_grad="exact", selection_loss_weight=0.0),
-    "aux margin 0 (random T, exact grad)": dict(task_init="random", selection_grad="exact", selection_margin=0.0),
-    "default: data-init + leaky + aux margin 0.25": {},
-    # Against a selection that marks whole positive bags (options off by default; digits_selection.md).
+    "paper (random T, exact grad, no aux)": dict(task_init="random", selection_grad="exact", selection_loss_weight=0.0,
+                                                 selection_source="bottom_up"),
+    "aux margin 0 (random T, exact grad)": dict(task_init="random", selection_grad="exact", selection_margin=0.0,
+                                                selection_source="bottom_up", selection_mil="max", selection_temperature=10.0),
+    "bottom_up + max: data-init + leaky + aux (temperature 10)": dict(selection_source="bottom_up", selection_mil="max",
+                                                                    selection_temperature=10.0),
+    "projected + max (temperature 10)": dict(selection_mil="max", selection_temperature=10.0),
+    "projected + soft (temperature 10)": dict(selection_temperature=10.0),
+    "default: projected + soft (temperature 30) + data-init + leaky": {},
+    # Further options (digits_selection.md).
     "sparsity 0.5": dict(selection_sparsity_weight=0.5),
-    "projected": dict(selection_source="projected"),
     "pre_last": dict(selection_source="pre_last"),
     "instance": dict(selection_mil="instance"),
-    "instance + sparsity 0.5": dict(selection_mil="instance", selection_sparsity_weight=0.5),
-    "instance + projected": dict(selection_source="projected", selection_mil="instance"),
 }
 
 

@@ -82,8 +82,9 @@ def reference(model: TDAMIL, X: torch.Tensor, n_real: int) -> dict[str, torch.Te
         h = ref_block(h, blk, key_mask)
     x_bu = ref_layer_norm(h, model.norm)
     T = model.task_token
-    cos = (x_bu @ T) / (x_bu.norm(dim=-1) * T.norm())
-    s = cos.clamp(0, 1)  # s_i = clamp(cos(x_i,BU, T), 0, 1)
+    scored = {"projected": tokens, "bottom_up": x_bu}[cfg.selection_source]  # the project default: x_0's tokens
+    cos = (scored @ T) / (scored.norm(dim=-1) * T.norm())
+    s = cos.clamp(0, 1)  # s_i = clamp(cos(x_i, T), 0, 1)
     part = key_mask.clone()
     part[0] = cfg.select_cls
     s = torch.where(part, s, torch.zeros_like(s))
@@ -100,9 +101,10 @@ def reference(model: TDAMIL, X: torch.Tensor, n_real: int) -> dict[str, torch.Te
 
 # ----------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("attention", ["sdpa", "explicit"])
-@pytest.mark.parametrize("share_weights,select_cls", [(True, False), (False, True)])
-def test_forward_matches_the_equations(attention, share_weights, select_cls):
-    model = _model(attention=attention, share_weights=share_weights, select_cls=select_cls)
+@pytest.mark.parametrize("share_weights,select_cls,source", [(True, False, "projected"), (False, True, "projected"),
+                                                             (True, False, "bottom_up")])
+def test_forward_matches_the_equations(attention, share_weights, select_cls, source):
+    model = _model(attention=attention, share_weights=share_weights, select_cls=select_cls, selection_source=source)
     torch.manual_seed(1)
     X = torch.randn(2, 9, IN_DIM, dtype=torch.double)
     mask = torch.ones(2, 9, dtype=torch.bool)
@@ -322,12 +324,10 @@ def test_data_init_happens_once_in_training_only_and_travels_in_the_state_dict()
 
 
 def test_selection_objective_ties_high_scores_to_the_positive_class():
-    """A few Adam steps on the selection objective alone: s_i rises on positive bags and every
-    s_i of a negative bag ends at 0, so the sign of the relevance map follows the positive class.
-
-    Which instance of a positive bag carries the score is not asserted: self-attention mixes the
-    bottom-up tokens, and picking the evidence patch inside a bag is issue #8's open part
-    (benchmarks/digits_selection.md measures it as within-bag AUROC and top-1 hit)."""
+    """A few Adam steps on the selection objective alone: s_i rises on the evidence patch of each
+    positive bag (its top-scored patch, above every patch of every negative bag) and negative bags end mostly at 0, so the relevance
+    map follows the positive class and points at its evidence (benchmarks/digits_selection.md
+    measures the same on digits as instance AUROC and top-1 hit)."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     signal = torch.randn(IN_DIM, generator=g)
@@ -349,12 +349,13 @@ def test_selection_objective_ties_high_scores_to_the_positive_class():
     model.eval()
     with torch.no_grad():
         scores = [model(x[None]).scores[0] for x, _ in bags]
-    top_neg = max(float(s.max()) for (_, y), s in zip(bags, scores) if not y)
-    for (x, y), s in zip(bags, scores):
-        if y:
-            assert float(s.max()) > 0.1 and float(s.max()) > top_neg
-        else:
-            assert torch.all(s == 0)
+    negatives = torch.cat([s for (_, y), s in zip(bags, scores) if not y])
+    evidence = torch.stack([s[0] for (_, y), s in zip(bags, scores) if y])
+    # every signal patch ranks above every patch of every negative bag (instance AUROC 1), is its
+    # bag's top patch, and stands out on the fixed [0, 1] scale; negative bags are mostly blank
+    assert float(evidence.min()) > float(negatives.max()) and float(evidence.min()) > 0.1
+    assert all(int(s.argmax()) == 0 for (_, y), s in zip(bags, scores) if y)
+    assert float((negatives == 0).float().mean()) >= 0.75
 
 
 def test_selection_options_are_validated():

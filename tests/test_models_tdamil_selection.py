@@ -1,5 +1,6 @@
-"""TDA-MIL's options against a selection that marks whole positive bags (issue #8 follow-up):
-``selection_source``, ``selection_sparsity_weight`` and ``selection_mil``. All off by default."""
+"""TDA-MIL's selection against a selection that marks whole positive bags (issue #8):
+``selection_source`` (default ``projected``), ``selection_mil`` (default ``soft``) and the options
+``selection_sparsity_weight``, ``"pre_last"``, ``"instance"`` and ``"max"``."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def _bag(seed: int = 0, n: int = 9) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("fields", [{"selection_sparsity_weight": 0.5}, {"selection_mil": "instance"},
-                                    {"selection_source": "bottom_up"}])
+                                    {"selection_mil": "max"}])
 def test_loss_only_options_leave_the_forward_pass_unchanged(fields):
     X = _bag()
     ref, other = _model().eval(), _model(**fields).eval()
@@ -46,11 +47,11 @@ def test_projected_source_scores_each_patch_on_its_own_token():
         x_td = model.decoder((s.unsqueeze(-1) * trace.x_bu) @ model.channel_matrix.t())
         x_td[:, 0] = 0
         torch.testing.assert_close(trace.x_td, x_td)
-        # A patch's score no longer depends on the other patches of the bag; with x_BU it does.
+        # A patch's score does not depend on the other patches of the bag; with x_BU it does.
         Y = X.clone()
         Y[0, 1:] += 3.0
         assert torch.equal(model.forward_trace(Y).cosine[0, 0], trace.cosine[0, 0])
-        mixed = _model().eval()
+        mixed = _model(selection_source="bottom_up").eval()
         assert not torch.equal(mixed.forward_trace(Y).cosine[0, 0], mixed.forward_trace(X).cosine[0, 0])
 
 
@@ -69,7 +70,10 @@ def test_data_init_uses_the_scored_tokens():
     model(X)
     with torch.no_grad():
         tokens, _ = model.embed(X, None)
-    torch.testing.assert_close(model.task_token.detach(), F.normalize(tokens[0, 1:].mean(0), dim=0))
+    # the direction of the mean projected patch token, at the norm of the random init (Adam's steps
+    # are ~lr per coordinate, so a small T turns as fast as the rest of the model)
+    random_norm = float(_model(selection_source="projected").task_token.detach().norm())  # same seed, untrained
+    torch.testing.assert_close(model.task_token.detach(), F.normalize(tokens[0, 1:].mean(0), dim=0) * random_norm)
 
 
 def test_sparsity_term_adds_mean_score_and_its_gradient_lowers_the_scores():
@@ -122,3 +126,31 @@ def test_new_selection_options_are_validated():
     for bad in ({"selection_source": "raw"}, {"selection_sparsity_weight": -0.1}, {"selection_mil": "mean"}):
         with pytest.raises(ConfigError):
             model_config_from_dict({"name": "tdamil", **bad})
+
+
+def test_soft_pooling_gives_every_patch_a_share_of_the_selection_gradient():
+    """The default objective: BCE on the log-mean-exp of the patch logits, so (unlike "max") every
+    patch of a bag is pushed, the higher ones more; padding takes no part."""
+    for mil, all_patches in (("soft", True), ("max", False)):
+        model = _model(selection_mil=mil).train()
+        cfg = model.cfg
+        out = model(_bag(0))  # a negative bag (at the data init every cosine is high: a large loss)
+        out.selection_cosine.retain_grad()
+        loss = model.auxiliary_loss(out, torch.tensor([0]))
+        loss.backward()
+        grad = out.selection_cosine.grad[0]
+        z = cfg.selection_temperature * (out.selection_cosine.detach()[0] - cfg.selection_margin)
+        if all_patches:
+            pooled = torch.logsumexp(z, 0) - torch.log(torch.tensor(float(z.numel()), dtype=z.dtype))
+            torch.testing.assert_close(loss.detach(), F.softplus(pooled).float())
+            assert bool((grad > 0).all())  # every cosine of the negative bag is pushed down
+            assert int(grad.abs().argmax()) == int(z.argmax())  # the highest the most
+        else:
+            assert int((grad != 0).sum()) == 1
+    model = _model().eval()
+    X = _bag(0, n=6)
+    padded = torch.cat([X, torch.zeros(1, 3, IN_DIM, dtype=X.dtype)], dim=1)
+    mask = torch.tensor([[True] * 6 + [False] * 3])
+    for label in (0, 1):
+        y = torch.tensor([label])
+        torch.testing.assert_close(model.auxiliary_loss(model(padded, mask), y), model.auxiliary_loss(model(X), y))

@@ -4,13 +4,14 @@ per-patch scores mean (the one place that says so).
 =================  ====================================================================================
 model              ``scores`` (plotted on heatmaps, ranked by instance metrics)
 =================  ====================================================================================
-tdamil             ``s_i = clamp(cos(x_i,BU, T), 0, 1)``: the paper's feature-selection relevance, an
-                   absolute value in [0, 1] comparable across slides. With the default training
-                   (``selection_loss_weight > 0``) ``s_i > 0`` means "evidence for the positive
-                   class" and a negative slide may have every ``s_i = 0``. Plotted on a fixed [0, 1]
-                   scale; pooled instance AUROC uses ``s_i`` itself. With ``selection_source`` other
-                   than ``"bottom_up"`` the cosine is taken on less mixed tokens (``x_i`` before step I
-                   or before its last block), same range and meaning.
+tdamil             ``s_i = clamp(cos(x_i, T), 0, 1)``: the feature-selection relevance, an absolute
+                   value in [0, 1] comparable across slides. By default ``x_i`` is the patch's own
+                   projected token (``selection_source="projected"``), so ``s_i`` depends on that
+                   patch only; ``"bottom_up"`` (the paper) scores ``x_i,BU``, which self-attention has
+                   mixed with the whole bag. With the default training (``selection_loss_weight >
+                   0``) ``s_i > 0`` means "evidence for the positive class" and a negative slide may
+                   have every ``s_i = 0``. Plotted on a fixed [0, 1] scale; pooled instance AUROC
+                   uses ``s_i`` itself.
 abmil,             attention weights ``a_i = softmax_i(...)``: they sum to 1 over a bag, so a patch of
 gated_abmil        a 10-patch bag and one of a 10k-patch bag are not comparable. Heatmaps show them as
                    "attention" scaled per slide; within-bag metrics (top-1 hit, within-bag AUROC) use
@@ -42,9 +43,9 @@ class MILOutput:
             (``mask`` False) are 0.
         instance_logits: ``[B, n]`` per-patch scores comparable across bags where ``scores`` are not
             (ABMIL's pre-softmax attention logits; -inf at padding), else ``None``.
-        selection_logit: ``[B]`` TDA-MIL's bag-level selection logit
-            (``selection_temperature * (max_i cos(x_i,BU, T) - selection_margin)``), the input of its
-            auxiliary objective;
+        selection_logit: ``[B]`` TDA-MIL's bag-level selection logit, the patch logits
+            ``selection_temperature * (cos(x_i, T) - selection_margin)`` pooled by log-mean-exp
+            (default) or max (``TDAMILConfig.selection_mil``), the input of its auxiliary objective;
             ``None`` for the other models.
         selection_cosine: ``[B, n]`` TDA-MIL's ``cos(x_i, T)`` before the clamp (-inf at padding),
             for its per-patch selection terms; ``None`` for the other models.
