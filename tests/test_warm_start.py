@@ -145,3 +145,16 @@ def test_site_logs_carry_no_line_per_http_request():
         assert not httpx.isEnabledFor(logging.INFO)
     finally:
         httpx.setLevel(before)
+
+
+def test_the_preloaded_parent_has_no_cuda_context_and_no_extraction_stack():
+    """What makes forking it safe, checked in a fresh interpreter after the real preload."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from tdamil.client.warm_start import preload; preload(); "
+            "bad = [m for m in ('timm', 'cv2', 'openslide', 'matplotlib', 'tdamil.wsi') if m in sys.modules]; "
+            "print(torch.cuda.is_initialized(), bad, 'tdamil.client.client_app' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False [] True", out.stdout
