@@ -146,3 +146,36 @@ def test_an_error_reply_from_the_superlink_names_the_site_it_was_sent_to(tmp_pat
     assert loop._collect(grid, 3, "train", [sent], [error]) == []
     (failure,) = [e for e in read_audit(tmp_path / "audit.jsonl") if e["event"] == "failure"]
     assert failure["site"] == "site_b" and failure["node_id"] == 1001 and failure["round"] == 3
+
+
+def test_replies_are_aggregated_in_site_order_whatever_their_arrival(tmp_path):
+    """FedAvg sums floats in the order of the replies it gets; in arrival order two runs of the same
+    seeded simulation differed from round 1 on (in the 8th decimal, then more). _collect hands them
+    over sorted by site."""
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    from tdamil.federation.audit import AuditLog
+    from tdamil.federation.loop import RoundLoop
+    from tdamil.federation.records import SITE, reply_site
+
+    loop = RoundLoop.__new__(RoundLoop)
+    loop.audit = AuditLog(tmp_path / "audit.jsonl")
+    loop.node_sites = {}
+    loop.fed = SimpleNamespace(round_timeout_s=60.0)
+    loop.history = SimpleNamespace(add=lambda *a, **k: None)
+
+    def reply(site: str, node: int) -> Message:
+        instr = Message(RecordDict(), node, "train")
+        instr.metadata.__dict__["_message_id"] = f"m-{site}"
+        out = Message(RecordDict({SITE: ConfigRecord({"name": site}), "metrics": MetricRecord({"num-examples": 1})}),
+                      reply_to=instr)
+        out.metadata.__dict__["_src_node_id"] = node
+        return out
+
+    grid = SimpleNamespace(site_names={}, received_at={})
+    arrived = [reply("site_c", 3), reply("site_a", 1), reply("site_b", 2)]
+    for order in (arrived, arrived[::-1]):
+        got = loop._collect(grid, 1, "train", [], list(order))
+        assert [reply_site(r) for r in got] == ["site_a", "site_b", "site_c"]

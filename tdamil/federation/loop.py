@@ -316,7 +316,9 @@ class RoundLoop:
                                    f"{self.fed.round_timeout_s:.0f} s (site stopped or too slow)",
                                    site=self._site_of(grid, msg.metadata.dst_node_id),
                                    node_id=msg.metadata.dst_node_id)
-        return valid
+        # in site order, not arrival order: float sums depend on their order, so a FedAvg over replies
+        # in arrival order differed in the last bits from run to run and drifted apart over rounds
+        return sorted(valid, key=lambda r: (reply_site(r), int(r.metadata.src_node_id)))
 
     def _send(self, grid: Any, messages: list[Message], clock: RoundClock | None = None) -> list[Message]:
         if clock is not None:
