@@ -93,7 +93,6 @@ class ForkExecutor:
         self._fork = fork
         self._fallback = SubprocessExecutor()
         self.children: set[int] = set()
-        self.launched = 0
 
     def get_eligible_capacity(self, supported_task_types: set[Any], *, insecure: bool = False,
                               root_certificates_path: Optional[str] = None) -> tuple[set[Any], set[str]]:
@@ -127,7 +126,6 @@ class ForkExecutor:
                 sys.stderr.flush()
                 os._exit(code)
         self.children.add(pid)
-        self.launched += 1
         return LaunchResult.accepted()
 
     def reconcile(self) -> None:

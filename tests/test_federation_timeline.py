@@ -127,18 +127,30 @@ def test_site_segments_sum_to_sent_to_received_whatever_the_stamps():
     assert sum(late.values()) == pytest.approx(1.0) and min(late.values()) >= 0
 
 
+def _bare_loop(tmp_path):
+    """A RoundLoop with only what ``_collect`` uses: the audit, the node -> site map, the timeout and
+    a history that records nothing."""
+    from types import SimpleNamespace
+
+    from tdamil.federation.audit import AuditLog
+    from tdamil.federation.loop import RoundLoop
+
+    loop = RoundLoop.__new__(RoundLoop)
+    loop.audit = AuditLog(tmp_path / "audit.jsonl")
+    loop.node_sites = {}
+    loop.fed = SimpleNamespace(round_timeout_s=60.0)
+    loop.history = SimpleNamespace(add=lambda *a, **k: None)
+    return loop
+
+
 def test_an_error_reply_from_the_superlink_names_the_site_it_was_sent_to(tmp_path):
     """A site killed mid-round gets an error reply whose sender is the SuperLink (node id 1): the
     audit names the site the message was sent to, never ``site: null`` with the SuperLink's id."""
     from types import SimpleNamespace
 
-    from tdamil.federation.audit import AuditLog, read_audit
-    from tdamil.federation.loop import RoundLoop
+    from tdamil.federation.audit import read_audit
 
-    loop = RoundLoop.__new__(RoundLoop)  # only the audit and the node -> site map are used here
-    loop.audit = AuditLog(tmp_path / "audit.jsonl")
-    loop.node_sites = {}
-    loop.fed = SimpleNamespace(round_timeout_s=60.0)
+    loop = _bare_loop(tmp_path)
     grid = SimpleNamespace(site_names={1001: "site_b"}, received_at={})
     sent = SimpleNamespace(metadata=SimpleNamespace(message_id="m-1", dst_node_id=1001))
     error = SimpleNamespace(metadata=SimpleNamespace(src_node_id=1, reply_to_message_id="m-1"),
@@ -156,15 +168,9 @@ def test_replies_are_aggregated_in_site_order_whatever_their_arrival(tmp_path):
 
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-    from tdamil.federation.audit import AuditLog
-    from tdamil.federation.loop import RoundLoop
     from tdamil.federation.records import SITE, reply_site
 
-    loop = RoundLoop.__new__(RoundLoop)
-    loop.audit = AuditLog(tmp_path / "audit.jsonl")
-    loop.node_sites = {}
-    loop.fed = SimpleNamespace(round_timeout_s=60.0)
-    loop.history = SimpleNamespace(add=lambda *a, **k: None)
+    loop = _bare_loop(tmp_path)
 
     def reply(site: str, node: int) -> Message:
         instr = Message(RecordDict(), node, "train")

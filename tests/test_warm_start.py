@@ -102,24 +102,6 @@ def test_other_task_types_go_to_flowers_subprocess_executor(tmp_path, monkeypatc
     assert ex.launch(_spec(other, tmp_path)) == "sub" and calls == [other]
 
 
-def test_the_site_runs_its_supernode_in_process_isolation_only_when_warm(tmp_path):
-    from tdamil.client.config import SiteFederationConfig
-    from tdamil.client.site import supernode_command
-    from tdamil.client.warm_start import warm_superexec_command
-
-    def cfg(warm: bool):
-        return SimpleNamespace(site="site_a", federation=SiteFederationConfig(runtime_port=9123, warm_start=warm),
-                               tls=SimpleNamespace(ca_cert=tmp_path / "ca.pem"), auth=SimpleNamespace(private_key=None))
-
-    warm_cmd = supernode_command(cfg(True), tmp_path / "site_a.yaml", insecure=True)
-    cold_cmd = supernode_command(cfg(False), tmp_path / "site_a.yaml", insecure=True)
-    assert warm_cmd[warm_cmd.index("--isolation") + 1] == "process" and "--isolation" not in cold_cmd
-    companion = warm_superexec_command(9123, 4242)
-    assert companion[1:3] == ["-m", "tdamil.client.warm_start"]
-    assert companion[companion.index("--runtime-api-address") + 1] == "127.0.0.1:9123"
-    assert companion[companion.index("--parent-pid") + 1] == "4242"
-
-
 def test_the_preloaded_stack_holds_no_extraction_modules():
     """The warm parent imports what a train message uses and nothing of the extraction stack (the
     same rule as the cold ClientApp path, tests/test_client_startup.py)."""

@@ -14,6 +14,7 @@ cut, which clears by itself: then it is retried.)
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import sys
@@ -46,10 +47,7 @@ class _Output:
         self.accepted = threading.Event()
 
     def __call__(self, line: str) -> None:
-        from tdamil.logs import reformat_flower_line  # noqa: PLC0415
-
-        sys.stdout.write(reformat_flower_line(line, source="flower-supernode"))
-        sys.stdout.flush()
+        _echo_line(line, "flower-supernode")
         if any(marker in line for marker in _ENDED_MARKERS):
             self.ended.set()
         if any(marker in line for marker in _REJECTED_MARKERS):
@@ -70,7 +68,7 @@ def _run_once(cmd: list[str], env: dict[str, str], hang_grace: float,
     helper = None
     try:
         if companion is not None:
-            helper = ManagedProcess("warm-start", companion(proc.pid), None, env=env, on_line=_echo("warm-start"))
+            helper = ManagedProcess("warm-start", companion(proc.pid), None, env=env, on_line=functools.partial(_echo_line, source="warm-start"))
         ended_at: Optional[float] = None
         while proc.poll() is None:
             if out.ended.is_set() or out.rejected.is_set():
@@ -89,14 +87,12 @@ def _run_once(cmd: list[str], env: dict[str, str], hang_grace: float,
     return code, out
 
 
-def _echo(source: str) -> Callable[[str], None]:
-    def echo(line: str) -> None:
-        from tdamil.logs import reformat_flower_line  # noqa: PLC0415
+def _echo_line(line: str, source: str) -> None:
+    """Write a child process's line to our stdout in the project's log format."""
+    from tdamil.logs import reformat_flower_line  # noqa: PLC0415
 
-        sys.stdout.write(reformat_flower_line(line, source=source))
-        sys.stdout.flush()
-
-    return echo
+    sys.stdout.write(reformat_flower_line(line, source=source))
+    sys.stdout.flush()
 
 
 def supervise_supernode(cmd: list[str], env: dict[str, str], *, restart: bool = True,
