@@ -200,6 +200,26 @@ def test_site_without_the_consortium_ca_fails_clearly(world, tmp_path):
         register_site_keys(pki / "site_keys", f"127.0.0.1:{port}", insecure=True)
 
 
+@pytest.mark.parametrize("refusal", ["Server disconnected without sending a response.",
+                                     "[Errno 104] Connection reset by peer"])
+def test_plain_http_to_the_tls_control_api_is_named_however_the_server_refuses_it(tmp_path, monkeypatch, refusal):
+    """A TLS SuperLink closes a plain-HTTP connection or, depending on timing, resets it (seen in a
+    clean-clone run of the test above); either way the error names the misconfiguration."""
+    from types import SimpleNamespace
+
+    import tdamil.security.nodeauth as nodeauth
+
+    site = issue_site("site_a", pki=init_pki(tmp_path / "pki", ["coordinator.example.org"]).root)
+
+    def refused(request):
+        raise ConnectionError(refusal)
+
+    monkeypatch.setattr(nodeauth, "wait_for_port", lambda *a, **k: None)
+    monkeypatch.setattr(nodeauth, "_client", lambda *a: SimpleNamespace(RegisterNode=refused, close=lambda: None))
+    with pytest.raises(NodeAuthError, match="speaks TLS and refused plain HTTP"):
+        register_site_keys([site.public_key], "127.0.0.1:9093", insecure=True)
+
+
 def test_wrong_private_key_for_a_registered_site_is_rejected(world, tmp_path):
     pki, port, procs = world["pki"], world["port"], world["procs"]
     impostor = issue_site("site_a", ca_cert=pki / "ca.pem", out=tmp_path / "impostor")

@@ -252,7 +252,9 @@ def register_site_keys(
             except Exception as exc:
                 code, detail = _error_detail(exc)
                 if "already in use" not in detail.lower():
-                    if insecure and "disconnected" in detail.lower():
+                    # a TLS server answers plain HTTP by closing the connection, or (depending on
+                    # timing) by resetting it: both mean the same misconfiguration
+                    if insecure and any(m in detail.lower() for m in ("disconnected", "connection reset")):
                         detail = ("the SuperLink speaks TLS and refused plain HTTP; pass the consortium CA "
                                   "(ca_cert) instead of insecure")
                     elif "CERTIFICATE_VERIFY_FAILED" in str(exc):
