@@ -44,9 +44,9 @@ INST_KEYS = ("inst_auroc", "inst_within_auroc", "inst_top1_hit", "all_zero_bags"
 
 # TDA-MIL selection variants of the --ablation (issue #8); "default" = the TDAMILConfig defaults.
 ABLATION: dict[str, dict[str, Any]] = {
-    "paper (random T, exact grad, no aux)": dict(task_init="random", selection_grad="exact", selection_loss_weight=0.0,
+    "paper (random T, exact grad, no aux)": dict(task_init="random", proj_init="random", selection_grad="exact", selection_loss_weight=0.0,
                                                  selection_source="bottom_up"),
-    "aux margin 0 (random T, exact grad)": dict(task_init="random", selection_grad="exact", selection_margin=0.0,
+    "aux margin 0 (random T, exact grad)": dict(task_init="random", proj_init="random", selection_grad="exact", selection_margin=0.0,
                                                 selection_source="bottom_up", selection_mil="max", selection_temperature=10.0),
     "bottom_up + max: data-init + leaky + aux (temperature 10)": dict(selection_source="bottom_up", selection_mil="max",
                                                                     selection_temperature=10.0),
@@ -57,7 +57,12 @@ ABLATION: dict[str, dict[str, Any]] = {
     "sparsity 0.5": dict(selection_sparsity_weight=0.5),
     "pre_last": dict(selection_source="pre_last"),
     "instance": dict(selection_mil="instance"),
+    "centred + signed T": dict(task_init="signed", proj_init="data"),
+    "signed T, uncentred": dict(task_init="signed"),
 }
+
+
+MONITOR_TEXT = {"auroc": "AUROC", "loss": "cross-entropy", "objective": "objective (cross-entropy + the model's auxiliary objective, if any)"}
 
 
 def validation_score(row: dict[str, Any]) -> float:
@@ -95,7 +100,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     model = create_model(job["model"], in_dim=bags.train.in_dim, num_classes=2)
     tcfg = TrainConfig(
         epochs=job["epochs"], lr=job["lr"], weight_decay=1e-2, early_stopping_patience=job["patience"],
-        monitor="auroc", progress=False, seed=seed, device="cpu",
+        monitor=job.get("monitor", "auroc"), progress=False, seed=seed, device="cpu",
     )
     t0 = time.perf_counter()
     res = fit(model, bags.train, bags.val, tcfg)
@@ -107,7 +112,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         "params": sum(p.numel() for p in model.parameters()),
         "best_epoch": res.best_epoch,
         "epochs_run": len(res.history),
-        "val_auroc": res.best_value,
+        "val_auroc": val.metrics["auroc"],  # of the kept epoch (res.best_value is the monitored value)
+        "val_objective": val.metrics["objective"],
     }
     row.update({f"val_{k}": (val.instance_metrics or {}).get(k, float("nan")) for k in INST_KEYS})
     if not job.get("val_only"):
@@ -201,6 +207,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--depth", type=int, default=2)
+    ap.add_argument("--monitor", default="auroc", choices=("auroc", "loss", "objective"),
+                    help="validation value for early stopping and the kept epoch, the same for every model")
     ap.add_argument("--tune", action="store_true", help="choose the lr for TDA-MIL by validation AUROC first")
     ap.add_argument("--tune-lrs", nargs="+", type=float, default=[3e-4, 1e-3, 3e-3])
     ap.add_argument("--ablation", action="store_true", help="TDA-MIL selection variants instead of the model comparison")
@@ -210,7 +218,7 @@ def main() -> None:
     ap.add_argument("--md", type=Path, default=HERE / "digits.md")
     args = ap.parse_args()
 
-    common = dict(variant=args.variant, train_bags=args.train_bags, val_bags=args.val_bags, test_bags=args.test_bags, epochs=args.epochs, patience=args.patience)
+    common = dict(variant=args.variant, train_bags=args.train_bags, val_bags=args.val_bags, test_bags=args.test_bags, epochs=args.epochs, patience=args.patience, monitor=args.monitor)
     t_start = time.perf_counter()
     tune_rows: list[dict[str, Any]] = []
     lr = args.lr
@@ -248,7 +256,7 @@ def main() -> None:
         f"balanced classes. Mean ± std (sample std) over seeds {args.seeds}; each seed draws new pools and bags and a new initialisation.",
         "",
         f"Budget (identical for every run): AdamW lr {lr:g}, weight decay 1e-2, one bag per step, up to {args.epochs} epochs, "
-        f"early stopping with patience {args.patience} on validation AUROC (ties broken by validation loss), best-validation weights "
+        f"early stopping with patience {args.patience} on validation {MONITOR_TEXT[args.monitor]} (ties broken by validation loss), best-validation weights "
         f"tested; token width dim={args.dim} (raw 8x8 pixels, D=64), {args.heads} heads and depth {args.depth} for the transformer "
         "models; CPU, one torch thread per run.",
         "",

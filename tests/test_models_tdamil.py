@@ -282,7 +282,7 @@ def test_paper_initialisation_is_dead_for_some_seeds_on_offset_features():
     dead = 0
     for seed in range(10):
         torch.manual_seed(seed)
-        cfg = {"name": "tdamil", "dim": DIM, "depth": 1, "num_heads": HEADS, "task_init": "random", "selection_grad": "exact"}
+        cfg = {"name": "tdamil", "dim": DIM, "depth": 1, "num_heads": HEADS, "task_init": "random", "proj_init": "random", "selection_grad": "exact"}
         model = create_model(cfg, IN_DIM, 2).train()
         out = model(_offset_features(seed))
         torch.nn.functional.cross_entropy(out.logits, torch.tensor([1])).backward()
@@ -297,7 +297,7 @@ def test_leaky_gradient_changes_the_backward_pass_only():
     results = {}
     for grad in ("exact", "leaky"):
         torch.manual_seed(1)
-        cfg = {"name": "tdamil", "dim": DIM, "num_heads": HEADS, "task_init": "random", "selection_grad": grad}
+        cfg = {"name": "tdamil", "dim": DIM, "num_heads": HEADS, "task_init": "random", "proj_init": "random", "selection_grad": grad}
         model = create_model(cfg, IN_DIM, 2).train()
         with torch.no_grad():  # T opposite to the mean token: every patch below the clamp
             model.task_token.copy_(-model.norm(model.run_blocks(model.blocks, *model.embed(X, None)))[0, 1:].mean(0))
@@ -313,14 +313,19 @@ def test_leaky_gradient_changes_the_backward_pass_only():
 def test_data_init_happens_once_in_training_only_and_travels_in_the_state_dict():
     torch.manual_seed(0)
     model = create_model({"name": "tdamil", "dim": DIM, "num_heads": HEADS}, IN_DIM, 2)
-    before = model.task_token.detach().clone()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.eval()(_offset_features(0))
-    torch.testing.assert_close(model.task_token.detach(), before)  # evaluation never initialises
+    for k, v in model.state_dict().items():  # evaluation never initialises
+        torch.testing.assert_close(v, before[k])
     model.train()(_offset_features(0))
-    after = model.task_token.detach().clone()
-    assert not torch.equal(after, before) and model.state_dict()["task_token_ready"].tolist() == [1.0]
+    after = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert not torch.equal(after["task_token"], before["task_token"]) and after["task_token_ready"].tolist() == [1.0]
     model(_offset_features(1))
-    torch.testing.assert_close(model.task_token.detach(), after)  # only the first bag
+    torch.testing.assert_close(model.state_dict()["task_token"], after["task_token"])  # only the first bag
+    fresh = create_model({"name": "tdamil", "dim": DIM, "num_heads": HEADS}, IN_DIM, 2)
+    fresh.load_state_dict(model.state_dict())
+    fresh.train()(_offset_features(2))  # a loaded, initialised model is not initialised again
+    torch.testing.assert_close(fresh.state_dict()["task_token"], after["task_token"])
 
 
 def test_selection_objective_ties_high_scores_to_the_positive_class():

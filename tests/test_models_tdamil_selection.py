@@ -76,6 +76,32 @@ def test_data_init_uses_the_scored_tokens():
     torch.testing.assert_close(model.task_token.detach(), F.normalize(tokens[0, 1:].mean(0), dim=0) * random_norm)
 
 
+def test_centred_projection_and_signed_t_start_half_of_the_first_bag_selected():
+    """proj_init="data": the first training bag's projected patch tokens have zero mean afterwards
+    (only the projection's bias moves); task_init="signed": T keeps its random direction and norm,
+    only its sign is chosen, so that at least half of that bag's patches start selected."""
+    fields = dict(task_init="signed", proj_init="data")
+    fresh = _model(**fields)
+    model = _model(**fields).train()
+    X = _bag(n=41)
+    out = model(X)
+    with torch.no_grad():
+        tokens, _ = model.embed(X, None)
+    torch.testing.assert_close(tokens[0, 1:].mean(0), torch.zeros(DIM, dtype=torch.double), atol=1e-6, rtol=0)
+    torch.testing.assert_close(model.proj.weight, fresh.proj.weight)
+    t, t0 = model.task_token.detach(), fresh.task_token.detach()
+    assert torch.equal(t, t0) or torch.equal(t, -t0)
+    flips = 0
+    for seed in range(10):  # over seeds some random T would select a minority: those are turned round
+        torch.manual_seed(seed)
+        m = create_model({"name": "tdamil", "dim": DIM, "depth": 2, "num_heads": HEADS, **fields}, IN_DIM, 2).double()
+        t0 = m.task_token.detach().clone()
+        out = m.train()(X)
+        flips += int(torch.equal(m.task_token.detach(), -t0))
+        assert float((out.scores > 0).double().mean()) >= 0.5
+    assert 1 <= flips <= 9
+
+
 def test_sparsity_term_adds_mean_score_and_its_gradient_lowers_the_scores():
     X, y = _bag(), torch.tensor([1])
     base, sparse = _model().train(), _model(selection_sparsity_weight=0.5).train()

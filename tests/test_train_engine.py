@@ -111,6 +111,33 @@ def test_evaluate_returns_probs_scores_and_all_metric_keys():
     assert set(res.metrics) == set(METRIC_KEYS)
 
 
+class TinyAttnMILWithAux(TinyAttnMIL):
+    """TinyAttnMIL plus an auxiliary objective: the mean attention on the first patch."""
+
+    def forward(self, x, mask=None):
+        out = super().forward(x, mask)
+        out.first = out.scores[:, 0]
+        return out
+
+    def auxiliary_loss(self, out, target):
+        return out.first.mean()
+
+
+def test_objective_is_the_loss_plus_the_models_auxiliary_objective():
+    ds = _bags(n=6)
+    plain = evaluate(TinyAttnMIL(), ds)
+    assert plain.metrics["objective"] == plain.metrics["loss"]
+    torch.manual_seed(0)
+    model = TinyAttnMILWithAux()
+    res = evaluate(model, ds)
+    with torch.no_grad():
+        aux = float(np.mean([float(model(ds[i].features[None]).scores[0, 0]) for i in range(len(ds))]))
+    assert res.metrics["objective"] == pytest.approx(res.metrics["loss"] + aux)
+    fitted = fit(model, ds, ds, _cfg(epochs=3, lr=0.05, monitor="objective", early_stopping_patience=0))
+    objectives = [h["val_objective"] for h in fitted.history]
+    assert fitted.best_value == min(objectives) and fitted.best_epoch == objectives.index(min(objectives)) + 1
+
+
 def test_checkpoint_round_trip_and_errors(tmp_path):
     model = TinyAttnMIL()
     cfg = _cfg(epochs=3)

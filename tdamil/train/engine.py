@@ -49,7 +49,7 @@ __all__ = [
     "fit",
 ]
 
-MonitorKey = Literal["auroc", "balanced_accuracy", "f1", "accuracy", "loss"]
+MonitorKey = Literal["auroc", "balanced_accuracy", "f1", "accuracy", "loss", "objective"]
 
 
 @dataclass
@@ -73,7 +73,11 @@ class TrainConfig:
     early_stopping_patience: stop after this many epochs without a better validation value (10;
                              0 = never stop early).
     monitor:                 validation metric for early stopping and the best checkpoint (``auroc``;
-                             ``loss`` is minimised, the others maximised).
+                             ``loss`` and ``objective`` are minimised, the others maximised).
+                             ``objective`` is the training objective on the validation slides:
+                             cross-entropy plus the model's auxiliary term (TDA-MIL's selection
+                             objective), so the kept epoch also has a trained selection; for
+                             models without one it equals ``loss``.
     min_epochs:              never stop before this many epochs (1).
     mixed_precision:         bf16 autocast on CUDA (true); ignored on CPU.
     device:                  ``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda``, ``cuda:1``...

@@ -69,12 +69,17 @@ def evaluate(model: nn.Module, dataset: BagDataset, device: str | torch.device |
     was_training = model.training
     model.eval()
     probs, labels, ids, scores, ranking, inst_labels = [], [], [], [], [], []
+    aux_total, aux_bags = 0.0, 0
+    aux_fn = getattr(model, "auxiliary_loss", None)
     try:
         for i in progress_bar(range(len(dataset)), progress, desc="evaluate", leave=False, unit="bag"):
             bag = dataset[i]
             with autocast(dev, mixed_precision):
                 out = model(bag.features.to(dev).unsqueeze(0))
             logits = logits_of(out).float()
+            aux = aux_fn(out, torch.tensor([int(bag.label)], device=dev)) if aux_fn is not None else None
+            if aux is not None:
+                aux_total, aux_bags = aux_total + float(aux), aux_bags + 1
             probs.append(torch.softmax(logits, dim=1)[0].cpu().numpy())
             labels.append(int(bag.label))
             ids.append(bag.slide_id)
@@ -89,5 +94,7 @@ def evaluate(model: nn.Module, dataset: BagDataset, device: str | torch.device |
     p = np.stack(probs).astype(np.float64) if probs else np.zeros((0, c))
     y = np.asarray(labels, dtype=np.int64)
     metrics = classification_metrics(y, p, num_classes=c) if len(y) else nan_metrics(0)
+    if aux_bags:  # the training objective on these slides: cross-entropy + the model's auxiliary term
+        metrics["objective"] = metrics["loss"] + aux_total / aux_bags
     inst = instance_metrics(scores, inst_labels, y.tolist(), [r if r is not None else s for r, s in zip(ranking, scores)])
     return EvalResult(metrics=metrics, probs=p, labels=y, slide_ids=ids, scores=scores, instance_metrics=inst)

@@ -8,7 +8,9 @@ prediction, anything on an empty split) is ``float('nan')``, never an exception.
 Binary: AUROC of the positive-class probability, F1 of class 1. Multi-class: one-vs-rest macro
 AUROC over the classes present (NaN if fewer than two), macro F1 over the classes present in labels
 or predictions. Predictions are the arg-max class. ``loss`` is the mean cross-entropy of the
-probabilities.
+probabilities; ``objective`` is ``loss`` plus the model's own auxiliary objective on the same slides
+(TDA-MIL's selection objective; :func:`tdamil.train.evaluate.evaluate` adds it), i.e. the training
+objective measured on held-out slides, and equals ``loss`` for models without one.
 
 Patch-level metrics of per-patch scores, where bags carry instance labels, are
 :mod:`tdamil.train.instance_metrics` (reported next to these by ``evaluate``).
@@ -25,16 +27,16 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 __all__ = ["METRIC_KEYS", "classification_metrics", "nan_metrics", "higher_is_better"]
 
-METRIC_KEYS: tuple[str, ...] = ("auroc", "balanced_accuracy", "f1", "accuracy", "loss", "n")
+METRIC_KEYS: tuple[str, ...] = ("auroc", "balanced_accuracy", "f1", "accuracy", "loss", "objective", "n")
 
 _EPS = 1e-7
 
 
 def higher_is_better(key: str) -> bool:
-    """Whether a larger value of metric ``key`` is better (all but ``loss``)."""
+    """Whether a larger value of metric ``key`` is better (all but ``loss`` and ``objective``)."""
     if key not in METRIC_KEYS or key == "n":
         raise ValueError(f"'{key}' is not a metric to optimise; choose one of {', '.join(k for k in METRIC_KEYS if k != 'n')}.")
-    return key != "loss"
+    return key not in ("loss", "objective")
 
 
 def nan_metrics(n: int = 0) -> dict[str, float]:
@@ -74,6 +76,7 @@ def classification_metrics(labels: Sequence[int], probs: np.ndarray, num_classes
     pred = p.argmax(axis=1)
     out["accuracy"] = float(np.mean(pred == y))
     out["loss"] = float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], _EPS, 1.0))))
+    out["objective"] = out["loss"]  # plus the model's auxiliary objective where evaluate() knows the model
     present = np.unique(y)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn warns on one-class inputs; we return NaN instead
