@@ -33,7 +33,9 @@ VARIANTS = {
 }
 
 
-def run(fields: dict, n_bags: int, epochs: int = 8, seed: int = 0) -> dict[str, float]:
+def toy_scores(fields: dict, n_bags: int, epochs: int = 8, seed: int = 0) -> tuple[list[tuple[torch.Tensor, int]], list[torch.Tensor]]:
+    """Train a fresh TDA-MIL with ``fields`` on the selection objective alone over ``n_bags`` toy
+    bags (odd bags positive, evidence at patch 0); returns the bags ``(x, y)`` and each bag's ``s_i``."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     signal = torch.randn(IN_DIM, generator=g)
@@ -53,9 +55,13 @@ def run(fields: dict, n_bags: int, epochs: int = 8, seed: int = 0) -> dict[str, 
             opt.step()
     model.eval()
     with torch.no_grad():
-        scores = [model(x[None]).scores[0].numpy() for x, _ in bags]
-    pos = [s for (_, y), s in zip(bags, scores) if y]
-    neg = [s for (_, y), s in zip(bags, scores) if not y]
+        return bags, [model(x[None]).scores[0] for x, _ in bags]
+
+
+def run(fields: dict, n_bags: int, epochs: int = 8, seed: int = 0) -> dict[str, float]:
+    bags, scores = toy_scores(fields, n_bags, epochs, seed)
+    pos = [s.numpy() for (_, y), s in zip(bags, scores) if y]
+    neg = [s.numpy() for (_, y), s in zip(bags, scores) if not y]
     labels = np.concatenate([np.r_[1, np.zeros(7)] for _ in pos] + [np.zeros(8) for _ in neg])
     return {
         "top1_hit": float(np.mean([int(np.argmax(s)) == 0 and s[0] > 0 for s in pos])),

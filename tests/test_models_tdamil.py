@@ -6,7 +6,9 @@ model's parameters; it shares no code with ``tdamil.models``.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -328,32 +330,21 @@ def test_data_init_happens_once_in_training_only_and_travels_in_the_state_dict()
     torch.testing.assert_close(fresh.state_dict()["task_token"], after["task_token"])
 
 
+def _selection_toy():
+    """``benchmarks/selection_toy.py``: its planted-signal bags and selection-only training."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "selection_toy.py"
+    spec = importlib.util.spec_from_file_location("selection_toy", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_selection_objective_ties_high_scores_to_the_positive_class():
     """A few Adam steps on the selection objective alone: s_i rises on the evidence patch of each
     positive bag (its top-scored patch, above every patch of every negative bag) and negative bags end mostly at 0, so the relevance
     map follows the positive class and points at its evidence (benchmarks/digits_selection.md
     measures the same on digits as instance AUROC and top-1 hit)."""
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    signal = torch.randn(IN_DIM, generator=g)
-    bags = []
-    for i in range(16):
-        x = 2.0 + torch.randn(8, IN_DIM, generator=g)
-        y = i % 2
-        if y:
-            x[0] += 2.0 * signal
-        bags.append((x, y))
-    model = create_model({"name": "tdamil", "dim": DIM, "depth": 1, "num_heads": HEADS}, IN_DIM, 2).train()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(8):
-        for x, y in bags:
-            out = model(x[None])
-            opt.zero_grad()
-            model.auxiliary_loss(out, torch.tensor([y])).backward()
-            opt.step()
-    model.eval()
-    with torch.no_grad():
-        scores = [model(x[None]).scores[0] for x, _ in bags]
+    bags, scores = _selection_toy().toy_scores({}, n_bags=16, epochs=8, seed=0)
     negatives = torch.cat([s for (_, y), s in zip(bags, scores) if not y])
     evidence = torch.stack([s[0] for (_, y), s in zip(bags, scores) if y])
     # every signal patch ranks above every patch of every negative bag (instance AUROC 1), is its

@@ -243,6 +243,13 @@ def check_bag_input(
     return x, mask
 
 
+def _masked_mean(tokens: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """Mean ``[d]`` of ``tokens`` ``[B, n, d]`` over every bag's real positions (``keep`` bool ``[B, n]``)."""
+    w = tokens.new_ones(tokens.shape[:2]) if keep is None else keep.to(tokens.dtype)
+    w = w.unsqueeze(-1)
+    return (tokens * w).sum(dim=(0, 1)) / w.sum().clamp_min(1.0)
+
+
 class TransformerMIL(nn.Module):
     """Transformer MIL: projection + CLS + ``L`` pre-norm blocks + LayerNorm + linear head on CLS.
 
@@ -372,20 +379,13 @@ class TDAMIL(TransformerMIL):
         selected. Either way ``T`` keeps the norm of its random init (see :class:`TDAMILConfig`).
         """
         patches = scored[:, 1:].float()
-        keep = torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device)
-        if token_mask is not None:
-            keep = token_mask[:, 1:]
+        keep = None if token_mask is None else token_mask[:, 1:]
         task = self.task_token.float()
-        norm = task.norm().clamp_min(1e-6)
-        if self.cfg.task_init == "random":
-            pass
-        elif self.cfg.task_init == "data":
-            w = keep.to(patches.dtype).unsqueeze(-1)
-            mean = (patches * w).sum(dim=(0, 1)) / w.sum().clamp_min(1.0)
-            task = F.normalize(mean, dim=0) * norm
-        else:
-            cos = F.cosine_similarity(patches, task.view(1, 1, -1), dim=-1, eps=1e-8)[keep]
-            if float((cos > 0).float().mean()) < 0.5:
+        if self.cfg.task_init == "data":
+            task = F.normalize(_masked_mean(patches, keep), dim=0) * task.norm().clamp_min(1e-6)
+        elif self.cfg.task_init == "signed":
+            cos = F.cosine_similarity(patches, task.view(1, 1, -1), dim=-1, eps=1e-8)
+            if float((cos if keep is None else cos[keep]).gt(0).float().mean()) < 0.5:
                 task = -task
         self.task_token.copy_(task.to(self.task_token.dtype))
         self.task_token_ready.fill_(1.0)
@@ -424,9 +424,7 @@ class TDAMIL(TransformerMIL):
     def _center_projection(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
         """``proj_init="data"``: shift the input projection's bias so that the first training bag's
         projected patch tokens have zero mean (once, before ``T`` is initialised on them)."""
-        h = self.proj(self.input_norm(x)).float()
-        w = torch.ones(h.shape[:2], dtype=h.dtype, device=h.device) if mask is None else mask.to(h.dtype)
-        mean = (h * w.unsqueeze(-1)).sum(dim=(0, 1)) / w.sum().clamp_min(1.0)
+        mean = _masked_mean(self.proj(self.input_norm(x)).float(), mask)
         self.proj.bias.sub_(mean.to(self.proj.bias.dtype))
 
     def forward_trace(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> TDAMILTrace:
