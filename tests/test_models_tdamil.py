@@ -268,14 +268,31 @@ def _offset_features(seed: int, n: int = 30, d: int = IN_DIM) -> torch.Tensor:
 
 @pytest.mark.parametrize("seed", range(10))
 def test_fresh_default_model_selects_and_trains_t_from_any_seed(seed):
+    """Step 0 of a fresh default model on features with a shared offset, started as training starts
+    it (``init_from_bags`` on labelled bags, as the engine does): no bag starts blank, about half of
+    the patches start selected (centred tokens put the median cosine near 0), and ``T`` gets a
+    gradient. Without labels (a bare training forward pass) at least half of the first bag is selected."""
+    cfg = {"name": "tdamil", "dim": DIM, "depth": 1, "num_heads": HEADS}
+    bags = [(_offset_features(10 * seed + i)[0], i % 2) for i in range(8)]
     torch.manual_seed(seed)
-    model = create_model({"name": "tdamil", "dim": DIM, "depth": 1, "num_heads": HEADS}, IN_DIM, 2).train()
-    out = model(_offset_features(seed))
-    loss = torch.nn.functional.cross_entropy(out.logits, torch.tensor([1])) + model.auxiliary_loss(out, torch.tensor([1]))
-    loss.backward()
-    assert float((out.scores == 0).float().mean()) < 0.5
-    assert model.task_token.grad is not None and float(model.task_token.grad.abs().sum()) > 0
-    assert model.task_token_ready.tolist() == [1.0]
+    model = create_model(cfg, IN_DIM, 2).train()
+    assert model.init_from_bags(bags) == {"bags": 8, "positive": 4}
+    selected = []
+    for x, y in bags[:2]:
+        model.zero_grad()
+        out = model(x[None])
+        loss = torch.nn.functional.cross_entropy(out.logits, torch.tensor([y])) + model.auxiliary_loss(out, torch.tensor([y]))
+        loss.backward()
+        assert bool((out.scores > 0).any())  # no blank map
+        assert model.task_token.grad is not None and float(model.task_token.grad.abs().sum()) > 0
+        selected.append(out.scores.detach().gt(0).flatten())
+    assert float(torch.cat(selected).float().mean()) >= 0.4
+    torch.manual_seed(seed)
+    bare = create_model(cfg, IN_DIM, 2).train()
+    out = bare(_offset_features(seed))
+    (out.logits.sum() + bare.auxiliary_loss(out, torch.tensor([1]))).backward()
+    assert float((out.scores > 0).float().mean()) >= 0.5 and float(bare.task_token.grad.abs().sum()) > 0
+    assert model.task_token_ready.tolist() == [1.0] and bare.task_token_ready.tolist() == [1.0]
 
 
 def test_paper_initialisation_is_dead_for_some_seeds_on_offset_features():
@@ -358,6 +375,6 @@ def test_selection_options_are_validated():
     from tdamil.config import ConfigError
 
     for bad in ({"task_init": "zeros"}, {"selection_grad": "none"}, {"selection_slope": 0.0},
-                {"selection_loss_weight": -1.0}, {"selection_margin": 1.0}):
+                {"selection_loss_weight": -1.0}, {"selection_margin": 1.0}, {"task_init_bags": 0}):
         with pytest.raises(ConfigError):
             model_config_from_dict({"name": "tdamil", **bad})

@@ -65,7 +65,7 @@ def test_pre_last_source_scores_the_input_of_the_last_bottom_up_block():
 
 
 def test_data_init_uses_the_scored_tokens():
-    model = _model(selection_source="projected").train()
+    model = _model(task_init="data", proj_init="random").train()
     X = _bag()
     model(X)
     with torch.no_grad():
@@ -174,3 +174,88 @@ def test_soft_pooling_gives_every_patch_a_share_of_the_selection_gradient():
             assert int(grad.abs().argmax()) == int(z.argmax())  # the highest the most
         else:
             assert int((grad != 0).sum()) == 1
+
+
+# ----------------------------------------------------------------------------- task_init "contrast"
+def _planted_bags(n_bags: int = 12, n: int = 15, seed: int = 0) -> list[tuple[torch.Tensor, int]]:
+    """Bags with a shared offset; every odd bag holds one evidence patch (index 0) along a planted direction."""
+    g = torch.Generator().manual_seed(seed)
+    signal = 3.0 * F.normalize(torch.randn(IN_DIM, generator=g, dtype=torch.double), dim=0) * IN_DIM**0.5
+    bags = []
+    for i in range(n_bags):
+        x = 2.0 + torch.randn(n, IN_DIM, generator=g, dtype=torch.double)
+        if i % 2:
+            x[0] += signal
+        bags.append((x, i % 2))
+    return bags
+
+
+def test_contrast_init_points_t_from_negative_to_positive_bags_on_centred_tokens():
+    fields = dict(task_init="contrast", proj_init="data")
+    fresh, model = _model(**fields), _model(**fields).train()
+    bags = _planted_bags(n_bags=40)
+    assert model.awaits_labelled_init and model.task_token_ready.tolist() == [0.0]
+    assert model.init_from_bags(iter(bags)) == {"bags": 40, "positive": 20}
+    assert model.training and not model.awaits_labelled_init and model.task_token_ready.tolist() == [1.0]
+    with torch.no_grad():
+        means = {y: torch.stack([model.embed(x[None], None)[0][0, 1:].mean(0) for x, l in bags if l == y]).mean(0) for y in (0, 1)}
+    # T: the direction from the negative to the positive bags' mean token, at the random init's norm
+    expected = F.normalize(means[1] - means[0], dim=0) * fresh.task_token.detach().norm()
+    torch.testing.assert_close(model.task_token.detach(), expected)
+    # centred: the bags' mean tokens average to 0; only the projection's bias moved
+    torch.testing.assert_close((means[0] + means[1]) / 2, torch.zeros(DIM, dtype=torch.double), atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.proj.weight, fresh.proj.weight)
+    # before any training step the evidence is each positive bag's top patch and is selected
+    model.eval()
+    with torch.no_grad():
+        for x, y in bags:
+            if y:
+                scores = model(x[None]).scores[0]
+                assert int(scores.argmax()) == 0 and float(scores[0]) > 0.3
+    assert model.init_from_bags(iter(bags)) == {"bags": 0, "positive": 0}  # once only
+
+
+def test_contrast_init_reads_at_most_task_init_bags_and_with_one_class_chooses_the_sign():
+    model = _model(task_init="contrast", proj_init="data", task_init_bags=4).train()
+    consumed = []
+
+    def stream():
+        for x, y in _planted_bags():
+            consumed.append(y)
+            yield x, 0  # one class only
+    t0 = model.task_token.detach().clone()
+    assert model.init_from_bags(stream()) == {"bags": 4, "positive": 0}
+    assert len(consumed) == 4
+    t = model.task_token.detach()
+    assert torch.equal(t, t0) or torch.equal(t, -t0)  # as task_init "signed"
+    first = _planted_bags()[0][0]
+    with torch.no_grad():
+        assert float((model.eval()(first[None]).scores > 0).double().mean()) >= 0.5
+
+
+def test_training_engine_starts_a_contrast_model_before_its_first_step():
+    from tdamil.data.bags import InMemoryBagDataset
+    from tdamil.train.engine import TrainConfig, make_optimizer, train_one_epoch
+
+    bags = _planted_bags()
+    ds = InMemoryBagDataset([x.float() for x, _ in bags], [y for _, y in bags], [f"s{i}" for i in range(len(bags))], num_classes=2)
+    torch.manual_seed(0)
+    model = create_model({"name": "tdamil", "dim": DIM, "depth": 2, "num_heads": HEADS, "task_init": "contrast", "proj_init": "data"}, IN_DIM, 2)
+    events: list[str] = []
+    init, forward = model.init_from_bags, model.forward
+
+    def spy_init(stream):
+        events.append("init")
+        return init(stream)
+
+    def spy_forward(*args, **kwargs):
+        events.append("ready" if model.task_token_ready.tolist() == [1.0] else "not ready")
+        return forward(*args, **kwargs)
+
+    model.init_from_bags, model.forward = spy_init, spy_forward
+    cfg = TrainConfig(epochs=2, progress=False, device="cpu")
+    opt = make_optimizer(model, cfg)
+    for epoch in range(2):
+        train_one_epoch(model, ds, opt, cfg, epoch=epoch)
+    # once, before the first training step, after which every forward pass sees a started T
+    assert events == ["init"] + ["ready"] * (2 * len(ds))

@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence
+from typing import Any, Iterator, Literal, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -183,6 +183,25 @@ def _prox_pairs(model: nn.Module, prox_ref: Any) -> list[tuple[torch.nn.Paramete
 
 
 # --------------------------------------------------------------------------------------------
+def _labelled_init(model: nn.Module, dataset: BagDataset, order: Sequence[int], device: torch.device) -> None:
+    """Show a model that starts from labelled bags (TDA-MIL's ``task_init: contrast``) the training
+    bags in this epoch's order, one at a time, before its first step; it reads as many as it needs."""
+
+    def bags() -> Iterator[tuple[torch.Tensor, int]]:
+        for i in order:
+            bag = dataset[i]
+            yield bag.features.to(device), bag.label
+
+    t0 = time.perf_counter()
+    read = model.init_from_bags(bags())
+    if read["positive"] and read["positive"] < read["bags"]:
+        how = "pointed from the negative to the positive bags' mean token"
+    else:
+        how = "only one class among them, so its sign was chosen on the first bag"
+    logger.info("Task token T started from %d training bags (%d positive) in %.1f s: %s.",
+                read["bags"], read["positive"], time.perf_counter() - t0, how)
+
+
 def train_one_epoch(
     model: nn.Module,
     dataset: BagDataset,
@@ -221,6 +240,8 @@ def train_one_epoch(
     order = torch.randperm(n, generator=gen).tolist()
     k = cfg.grad_accum_steps
     model.train()
+    if getattr(model, "awaits_labelled_init", False):
+        _labelled_init(model, dataset, order, device)
     optimizer.zero_grad(set_to_none=True)
     total_loss, correct, steps = 0.0, 0, 0
     bar = progress(range(n), cfg.progress and n >= 500, desc=f"epoch {epoch} train", leave=False, unit="bag")
