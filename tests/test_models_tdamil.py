@@ -331,7 +331,7 @@ def test_leaky_gradient_changes_the_backward_pass_only():
 
 def test_data_init_happens_once_in_training_only_and_travels_in_the_state_dict():
     torch.manual_seed(0)
-    model = create_model({"name": "tdamil", "dim": DIM, "num_heads": HEADS}, IN_DIM, 2)
+    model = create_model({"name": "tdamil", "dim": DIM, "num_heads": HEADS, "task_init": "data"}, IN_DIM, 2)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.eval()(_offset_features(0))
     for k, v in model.state_dict().items():  # evaluation never initialises
@@ -341,7 +341,7 @@ def test_data_init_happens_once_in_training_only_and_travels_in_the_state_dict()
     assert not torch.equal(after["task_token"], before["task_token"]) and after["task_token_ready"].tolist() == [1.0]
     model(_offset_features(1))
     torch.testing.assert_close(model.state_dict()["task_token"], after["task_token"])  # only the first bag
-    fresh = create_model({"name": "tdamil", "dim": DIM, "num_heads": HEADS}, IN_DIM, 2)
+    fresh = create_model({"name": "tdamil", "dim": DIM, "num_heads": HEADS, "task_init": "data"}, IN_DIM, 2)
     fresh.load_state_dict(model.state_dict())
     fresh.train()(_offset_features(2))  # a loaded, initialised model is not initialised again
     torch.testing.assert_close(fresh.state_dict()["task_token"], after["task_token"])

@@ -488,12 +488,12 @@ class TDAMIL(TransformerMIL):
                 first = x
                 if self.cfg.proj_init == "data":
                     self._center_projection(x.unsqueeze(0), None)
-            mean = self._scored_patches(x).float().mean(dim=0)
+            projected = self.proj(self.input_norm(x)).float().mean(dim=0)  # = the projected tokens' mean (eval mode)
+            mean = projected if self.cfg.selection_source == "projected" else self._scored_patches(x).float().mean(dim=0)
             positive = int(label) != 0
             sums[positive] = mean if sums[positive] is None else sums[positive] + mean
             counts[positive] += 1
-            if self.cfg.proj_init == "data":
-                projected_means.append(self.proj(self.input_norm(x)).float().mean(dim=0))
+            projected_means.append(projected)
         self.train(was_training)
         if first is None:
             return {"bags": 0, "positive": 0}
