@@ -10,7 +10,8 @@ from tdamil.models.abmil import ABMIL, ABMILConfig
 from tdamil.models.mean_pool import MeanPoolConfig, MeanPoolMIL
 from tdamil.models.output import MILOutput
 from tdamil.models.registry import MODEL_NAMES, ModelConfig, config_class, create_model, model_config_from_dict
-from tdamil.models.tdamil import TDAMIL, TDAMILConfig, TDAMILTrace, TransformerMIL, TransformerMILConfig
+from tdamil.models.tdamil import TDAMIL, TDAMILTrace, TransformerMIL
+from tdamil.models.tdamil_config import TDAMILConfig, TransformerMILConfig
 from tdamil.models.transmil import TransMIL, TransMILConfig
 
 __all__ = [

@@ -18,7 +18,8 @@ from torch import nn
 from tdamil.config import ConfigError, from_dict
 from tdamil.models.abmil import ABMIL, ABMILConfig
 from tdamil.models.mean_pool import MeanPoolConfig, MeanPoolMIL
-from tdamil.models.tdamil import TDAMIL, TDAMILConfig, TransformerMIL, TransformerMILConfig
+from tdamil.models.tdamil import TDAMIL, TransformerMIL
+from tdamil.models.tdamil_config import TDAMILConfig, TransformerMILConfig
 from tdamil.models.transmil import TransMIL, TransMILConfig
 
 __all__ = ["MODEL_NAMES", "ModelConfig", "model_config_from_dict", "create_model", "config_class"]
