@@ -249,9 +249,9 @@ def test_broken_or_tampered_server_certificate_is_a_one_line_error_before_anythi
         assert "SuperLink running" not in res.stderr  # refused before anything started
 
 
-def _serve(port: int, tls_files: tuple[Path, Path] | None, stop) -> None:
+def _serve(port: int, tls_files: tuple[Path, Path] | None, stop, ready=None) -> None:
     """Accept connections on 127.0.0.1:port until ``stop`` is set: a TLS handshake with the given
-    certificate and key, or (None) a plaintext HTTP answer."""
+    certificate and key, or (None) a plaintext HTTP answer. ``ready`` (an Event) is set once it listens."""
     import ssl
 
     ctx = None
@@ -263,6 +263,8 @@ def _serve(port: int, tls_files: tuple[Path, Path] | None, stop) -> None:
         srv.bind(("127.0.0.1", port))
         srv.listen(8)
         srv.settimeout(0.2)
+        if ready is not None:
+            ready.set()
         while not stop.is_set():
             try:
                 conn, _ = srv.accept()
@@ -297,10 +299,12 @@ def test_site_checks_ca_key_and_tls_link_before_starting_the_supernode(tmp_path,
     bundle = issue_site("site_a", pki=pki)
     tls_port, plain_port, closed_port = free_port(), free_port(), free_port()
     stop = threading.Event()
-    servers = [threading.Thread(target=_serve, args=(tls_port, (pki / "server.pem", pki / "server.key"), stop)),
-               threading.Thread(target=_serve, args=(plain_port, None, stop))]
+    listening = [threading.Event(), threading.Event()]
+    servers = [threading.Thread(target=_serve, args=(tls_port, (pki / "server.pem", pki / "server.key"), stop, listening[0])),
+               threading.Thread(target=_serve, args=(plain_port, None, stop, listening[1]))]
     for t in servers:
         t.start()
+    assert all(e.wait(30) for e in listening), "the test's TLS / plaintext servers did not start listening"
     site = yaml.safe_load(paths["site_a"].read_text())
     bad_key = tmp_path / "bad.key"
     bad_key.write_text("-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
