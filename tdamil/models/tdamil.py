@@ -200,6 +200,11 @@ class TDAMIL(TransformerMIL):
         self.blocks_td: nn.ModuleList | None = None if cfg.share_weights else self._make_blocks(cfg)
         self.norm_td: nn.LayerNorm | None = None if cfg.share_weights else nn.LayerNorm(d)
 
+    @property
+    def task_token_started(self) -> bool:
+        """``task_token_ready`` read as a flag (> 0.5: FedAvg and DP noise make it a real number)."""
+        return float(self.task_token_ready[0]) > 0.5
+
     @torch.no_grad()
     def _init_task_token(self, scored: torch.Tensor, token_mask: torch.Tensor | None) -> None:
         """Give ``T`` its starting value from the first training bag (once; ``task_init`` != "random").
@@ -242,7 +247,7 @@ class TDAMIL(TransformerMIL):
         wherever ``s`` does not apply).
         """
         scored = x_bu if scored is None else scored
-        if self.training and not float(self.task_token_ready[0]) > 0.5:
+        if self.training and not self.task_token_started:
             self._init_task_token(scored, token_mask)
         cos = F.cosine_similarity(scored, self.task_token.view(1, 1, -1), dim=-1, eps=1e-8)
         keep = torch.ones_like(cos, dtype=torch.bool) if token_mask is None else token_mask.clone()
@@ -263,17 +268,23 @@ class TDAMIL(TransformerMIL):
     @property
     def awaits_labelled_init(self) -> bool:
         """True while ``T`` waits for :meth:`init_from_bags` (``task_init="contrast"``, not started yet)."""
-        return self.cfg.task_init == "contrast" and not float(self.task_token_ready[0]) > 0.5
+        return self.cfg.task_init == "contrast" and not self.task_token_started
+
+    def _bottom_up(self, tokens: torch.Tensor, token_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step I, split to expose the last block's input: ``(pre_last, x_BU)``."""
+        pre_last = self.run_blocks(self.blocks[:-1], tokens, token_mask)
+        return pre_last, self.norm(self.blocks[-1](pre_last, mask=token_mask))
+
+    def _scored(self, tokens: torch.Tensor, pre_last: torch.Tensor, x_bu: torch.Tensor) -> torch.Tensor:
+        """The tokens the cosine is taken on (``selection_source``)."""
+        return {"projected": tokens, "pre_last": pre_last}.get(self.cfg.selection_source, x_bu)
 
     def _scored_patches(self, x: torch.Tensor) -> torch.Tensor:
-        """The ``[n, d]`` patch tokens the cosine is taken on (``selection_source``) for one bag ``[n, D]``."""
+        """The ``[n, d]`` patch tokens the cosine is taken on for one bag ``[n, D]`` (step I only when needed)."""
         tokens, _ = self.embed(x.unsqueeze(0), None)
         if self.cfg.selection_source == "projected":
             return tokens[0, 1:]
-        pre_last = self.run_blocks(self.blocks[:-1], tokens, None)
-        if self.cfg.selection_source == "pre_last":
-            return pre_last[0, 1:]
-        return self.norm(self.blocks[-1](pre_last))[0, 1:]
+        return self._scored(tokens, *self._bottom_up(tokens, None))[0, 1:]
 
     @torch.no_grad()
     def init_from_bags(self, bags: Iterable[tuple[torch.Tensor, int]]) -> dict[str, int]:
@@ -291,7 +302,14 @@ class TDAMIL(TransformerMIL):
             return {"bags": 0, "positive": 0}
         was_training = self.training
         self.eval()  # the direction is read without dropout
-        sums: dict[bool, torch.Tensor | None] = {True: None, False: None}
+        try:
+            return self._contrast_start(bags)
+        finally:
+            self.train(was_training)
+
+    def _contrast_start(self, bags: Iterable[tuple[torch.Tensor, int]]) -> dict[str, int]:
+        """The body of :meth:`init_from_bags` (in eval mode, without gradients)."""
+        sums: dict[bool, torch.Tensor | float] = {True: 0.0, False: 0.0}
         counts = {True: 0, False: 0}
         projected_means: list[torch.Tensor] = []
         first: torch.Tensor | None = None
@@ -304,10 +322,9 @@ class TDAMIL(TransformerMIL):
             projected = self.proj(self.input_norm(x)).float().mean(dim=0)  # = the projected tokens' mean (eval mode)
             mean = projected if self.cfg.selection_source == "projected" else self._scored_patches(x).float().mean(dim=0)
             positive = int(label) != 0
-            sums[positive] = mean if sums[positive] is None else sums[positive] + mean
+            sums[positive] = sums[positive] + mean
             counts[positive] += 1
             projected_means.append(projected)
-        self.train(was_training)
         if first is None:
             return {"bags": 0, "positive": 0}
         if self.cfg.proj_init == "data":
@@ -317,22 +334,18 @@ class TDAMIL(TransformerMIL):
             task = F.normalize(direction, dim=0) * self.task_token.float().norm().clamp_min(1e-6)
             self.task_token.copy_(task.to(self.task_token.dtype))
         else:
-            self.eval()
             self._init_task_token(F.pad(self._scored_patches(first), (0, 0, 1, 0)).unsqueeze(0), None)  # row 0 = CLS slot
-            self.train(was_training)
         self.task_token_ready.fill_(1.0)
         return {"bags": counts[True] + counts[False], "positive": counts[True]}
 
     def forward_trace(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> TDAMILTrace:
         """Run the model and return every intermediate (see :class:`TDAMILTrace`)."""
         x, mask = check_bag_input(x, mask, self.in_dim)
-        if self.training and self.cfg.proj_init == "data" and not float(self.task_token_ready[0]) > 0.5:
+        if self.training and self.cfg.proj_init == "data" and not self.task_token_started:
             self._center_projection(x, mask)
         tokens, token_mask = self.embed(x, mask)
-        pre_last = self.run_blocks(self.blocks[:-1], tokens, token_mask)  # step I, split to expose
-        x_bu = self.norm(self.blocks[-1](pre_last, mask=token_mask))  # the last block's input
-        scored = {"projected": tokens, "pre_last": pre_last}.get(self.cfg.selection_source, x_bu)
-        s, cos, x_td = self.select(x_bu, token_mask, scored)
+        pre_last, x_bu = self._bottom_up(tokens, token_mask)  # step I
+        s, cos, x_td = self.select(x_bu, token_mask, self._scored(tokens, pre_last, x_bu))
         blocks_td = self.blocks if self.blocks_td is None else self.blocks_td
         norm_td = self.norm if self.norm_td is None else self.norm_td
         x_out = norm_td(self.run_blocks(blocks_td, tokens, token_mask, td=x_td))  # step II
