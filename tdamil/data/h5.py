@@ -41,6 +41,7 @@ __all__ = [
     "write_features",
     "read_features",
     "read_attrs",
+    "read_header",
     "TRIDENT_ATTRS",
     "CHUNK_ROWS",
 ]
@@ -220,6 +221,30 @@ def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
     try:
         with h5py.File(path, "r") as f:
             return _collect_attrs(f)
+    except OSError as exc:
+        raise FeatureFileError(f"{path}: not a readable HDF5 feature file ({exc}); {_FIX_REEXTRACT}.") from None
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], tuple[int, ...]]:
+    """The attributes and the shape of ``features`` (``(N, D)``), without reading feature rows.
+
+    h5: one open, metadata only. CLAM ``.pt`` files have no attributes (``{}``) and no header: their
+    tensor is read to learn its shape.
+    """
+    import h5py
+
+    path = Path(path)
+    _check_exists(path)
+    if path.suffix.lower() in _PT_SUFFIXES:
+        return {}, (len(bag := _read_pt(path)), bag.dim)
+    try:
+        with h5py.File(path, "r") as f:
+            if "features" not in f:
+                raise FeatureFileError(f"{path}: no 'features' dataset; {_FIX_REEXTRACT}.")
+            shape = tuple(int(n) for n in f["features"].shape)
+            if len(shape) == 3 and shape[0] == 1:
+                shape = shape[1:]
+            return _collect_attrs(f), shape
     except OSError as exc:
         raise FeatureFileError(f"{path}: not a readable HDF5 feature file ({exc}); {_FIX_REEXTRACT}.") from None
 
