@@ -6,6 +6,9 @@ Sections::
     model: {name: tdamil, dim: 512, depth: 2, num_heads: 8}   # tdamil.models config
     in_dim: 1024                      # feature width of the sites' encoder (UNI: 1024)
     num_classes: 2
+    contract: {encoder: uni, ...}     # tdamil.data.contract.FeatureContract: what every site's features
+                                      # must record (null = the width in_dim only)
+    versions: {torch_min: "2.4"}      # tdamil.federation.versions.VersionsConfig: sites' software
     federation: {...}                 # tdamil.federation.config.FederationConfig
     checkpoint: {...}                 # tdamil.federation.config.CheckpointConfig
     evaluation: {data: {...}, cohorts: [...]}   # held-out cohorts evaluated at the coordinator
@@ -17,15 +20,20 @@ Sections::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
 from tdamil.config import ConfigError, load_config
 from tdamil.data.config import DataConfig
+from tdamil.data.contract import FeatureContract
 from tdamil.federation.config import CheckpointConfig, FederationConfig
+from tdamil.federation.versions import VersionsConfig
 from tdamil.net import split_host_port
 from tdamil.security.config import PrivacyConfig, ServerAuthConfig, TLSConfig
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ServerConfig", "SuperLinkConfig", "HeldOutConfig", "load_server_config", "validate_model"]
 
@@ -67,11 +75,18 @@ class HeldOutConfig:
 
 @dataclass
 class ServerConfig:
-    """The coordinator's whole YAML (see the module docstring)."""
+    """The coordinator's whole YAML (see the module docstring).
+
+    contract: the federation's feature contract (:mod:`tdamil.data.contract`); after loading it is
+              never None and its ``feature_dim`` is ``in_dim`` (given both, they must be equal).
+    versions: what sites must run (:mod:`tdamil.federation.versions`).
+    """
 
     model: dict[str, Any]
     in_dim: int = 1024
     num_classes: int = 2
+    contract: Optional[FeatureContract] = None
+    versions: VersionsConfig = field(default_factory=VersionsConfig)
     output_dir: Path = Path("runs/federation")
     federation: FederationConfig = field(default_factory=FederationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -84,6 +99,12 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.in_dim < 1 or self.num_classes < 2:
             raise ValueError("in_dim must be >= 1 and num_classes >= 2")
+        if self.contract is None or self.contract.feature_dim is None:  # the width is always part of it
+            self.contract = replace(self.contract or FeatureContract(), feature_dim=self.in_dim)
+        elif self.contract.feature_dim != self.in_dim:
+            raise ValueError(f"contract.feature_dim is {self.contract.feature_dim} but in_dim is {self.in_dim}: the "
+                             "model takes the features the contract describes. Make them equal (or leave "
+                             "contract.feature_dim out)")
 
 
 def validate_model(model: dict[str, Any], source: str) -> None:
@@ -99,9 +120,29 @@ def load_server_config(path: str | Path, *, check_files: bool = True) -> ServerC
     path = Path(path)
     cfg = load_config(path, ServerConfig)
     validate_model(cfg.model, str(path))
+    _check_encoder_width(cfg, path)
     cfg.output_dir = Path(cfg.output_dir).resolve()  # logs show /srv/runs/x, not /srv/configs/../runs/x
     ev = cfg.evaluation.data
     if check_files and ev is not None and not Path(ev.manifest).is_file():
         raise ConfigError(f"{path}: 'evaluation.data.manifest' file {ev.manifest} not found. Fix the path or "
                           "remove the evaluation section.")
     return cfg
+
+
+def _check_encoder_width(cfg: ServerConfig, path: Path) -> None:
+    """A contract naming a registered encoder must have that encoder's width (a typo here would
+    otherwise refuse every site's files)."""
+    from tdamil.wsi.encoders import EncoderError, get_spec  # noqa: PLC0415 - torch only, no timm
+
+    assert cfg.contract is not None
+    if cfg.contract.encoder is None:
+        return
+    try:
+        spec = get_spec(cfg.contract.encoder)
+    except EncoderError:
+        logger.warning("%s: contract.encoder %r is not one of tdamil-extract's encoders; sites must extract "
+                       "with another tool that writes this name into their feature files.", path, cfg.contract.encoder)
+        return
+    if spec.dim != cfg.in_dim:
+        raise ConfigError(f"{path}: contract.encoder {spec.name} gives {spec.dim} features per patch but in_dim is "
+                          f"{cfg.in_dim}. Set in_dim: {spec.dim}, or name the encoder the sites use.")
