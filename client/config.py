@@ -10,6 +10,8 @@ Sections (each owned by its component)::
     tls: {ca_cert: ...}                                           # tdamil.security.config.TLSConfig
     auth: {private_key: ...}                                      # tdamil.security.config.SiteAuthConfig
     privacy: {enabled: false, ...}                                # tdamil.security.config.PrivacyConfig
+    contract: {encoder: uni, ...}        # optional: the federation's feature contract, checked before joining
+    accept_unlabelled_features: false    # true: take feature files without encoder/magnification attrs on trust
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, Optional
 
 from tdamil.config import ConfigError, from_dict, load_config
 from tdamil.data.config import DataConfig
+from tdamil.data.contract import FeatureContract
 from tdamil.net import split_host_port
 from tdamil.security.config import PrivacyConfig, SiteAuthConfig, TLSConfig, check_site_name
 from tdamil.train.engine import TrainConfig
@@ -72,7 +75,16 @@ class SiteFederationConfig:
 
 @dataclass
 class SiteConfig:
-    """The whole site YAML (see the module docstring)."""
+    """The whole site YAML (see the module docstring).
+
+    contract:                   the feature contract the site expects to join (a copy of the
+                                coordinator's, :mod:`tdamil.data.contract`): ``tdamil-client --check``
+                                and start-up check every feature file against it (null = no check
+                                before joining; the coordinator's contract is checked in the rounds).
+    accept_unlabelled_features: accept feature files that do not record a field the contract pins
+                                (CLAM / TRIDENT caches without tdamil-fl's attrs), with a loud warning
+                                (false: such files are refused with the fix).
+    """
 
     site: str
     data: DataConfig
@@ -82,6 +94,8 @@ class SiteConfig:
     tls: TLSConfig = field(default_factory=TLSConfig)
     auth: SiteAuthConfig = field(default_factory=SiteAuthConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    contract: Optional[FeatureContract] = None
+    accept_unlabelled_features: bool = False
 
     def __post_init__(self) -> None:
         check_site_name(self.site)  # the rule tdamil-certs applies: a name valid here gets its key there
@@ -108,7 +122,21 @@ def load_site_config(path: str | Path, *, check_files: bool = True,
 
         parsed = from_dict(ExtractionConfig, cfg.extraction, source=f"{path}: extraction",
                            base_dir=path.resolve().parent)
+        _check_extraction_fits(cfg.contract, parsed, path)
     if check_files and not Path(cfg.data.manifest).is_file():
         raise ConfigError(f"{path}: 'data.manifest' file {cfg.data.manifest} not found. Fix the path "
                           "(relative paths are relative to the YAML file).")
     return cfg, parsed
+
+
+def _check_extraction_fits(contract: Optional[FeatureContract], extraction: Any, path: Path) -> None:
+    """The site's own extraction settings must produce what its contract expects (or every file it
+    extracts would be refused later)."""
+    if contract is None:
+        return
+    ours = FeatureContract(encoder=extraction.encoder, target_magnification=extraction.target_magnification,
+                           patch_size=extraction.patch_size)
+    for name, want, found in contract.differences(ours):
+        raise ConfigError(f"{path}: extraction.{name} is {found}, but contract.{name} is {want}: tdamil-extract "
+                          f"would write features the contract refuses. Set extraction.{name}: {want}, or fix the "
+                          "contract (copy the coordinator's).")

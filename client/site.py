@@ -156,6 +156,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not args.insecure:
             check_connection(cfg.federation.superlink, cfg.tls.ca_cert)
         parts = prepare_site(cfg, extraction, extract=not args.no_extract)
+        if cfg.contract is not None:  # the contract the site expects to join: every file's attrs, before joining
+            from tdamil.data.contract import check_features, feature_paths, site_origin  # noqa: PLC0415
+
+            check_features(feature_paths(parts.values()), cfg.contract, site=cfg.site,
+                           allow_unlabelled_attrs=cfg.accept_unlabelled_features, origin=site_origin(path))
         dim = check_feature_files(parts) if args.check else None
     except (ConfigError, ValueError, SecurityCheckError) as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
@@ -163,7 +168,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     logger.info("Site %s: %s slides (train/val/test); coordinator %s.", cfg.site,
                 "/".join(str(len(parts[k])) for k in ("train", "val", "test")), cfg.federation.superlink)
     if args.check:
-        print(f"{path}: OK (every feature file opens, {dim} features per patch)")
+        fits = f"; they fit the contract: {cfg.contract.describe()}" if cfg.contract is not None else ""
+        print(f"{path}: OK (every feature file opens, {dim} features per patch{fits})")
         return 0
     state = args.state_dir or Path.home() / ".tdamil" / "sites" / cfg.site
     watchdog = start_watchdog()  # noqa: F841 - Flower's clientapp processes go when this process dies
