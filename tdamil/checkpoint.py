@@ -19,6 +19,12 @@ Keys every checkpoint has::
 Training adds ``epoch``, ``train_config`` and ``extra``; the federation adds ``round``,
 ``model_spec`` (the run's model JSON, compared on ``--resume``), ``strategy_state`` (server
 optimiser moments as tensors) and ``best``. Files are written atomically (:mod:`tdamil.atomic`).
+
+Optional for every kind::
+
+    feature_contract  the features the model takes (encoder, weights_sha256, target_magnification,
+                      patch_size, feature_dim: ``tdamil.data.contract.FeatureContract.to_dict()``);
+                      ``tdamil-predict`` refuses feature files that break it. Absent in older files.
 """
 
 from __future__ import annotations
@@ -84,7 +90,8 @@ def save_checkpoint(
 
     For a module, ``model_config`` / ``in_dim`` / ``num_classes`` default to its ``cfg``,
     ``in_dim`` and ``num_classes`` attributes (every tdamil model has them). ``fields`` are the
-    kind's own keys (``epoch``, ``train_config``, ``round``, ``strategy_state``, ...).
+    kind's own keys (``epoch``, ``train_config``, ``round``, ``strategy_state``, ...) and the
+    optional ``feature_contract`` (a plain dict; ``None`` is not stored).
     """
     from tdamil import __version__  # noqa: PLC0415 - the package imports this module's siblings
 
@@ -95,6 +102,8 @@ def save_checkpoint(
         state = model.state_dict()
     else:
         state = model
+    if fields.get("feature_contract", 0) is None:
+        del fields["feature_contract"]
     payload = _plain({
         "format": CHECKPOINT_FORMAT,
         "kind": kind,

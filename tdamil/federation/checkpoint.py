@@ -2,7 +2,8 @@
 
 Each file is a :mod:`tdamil.checkpoint` (``kind="federated"``): the global model with ``round``,
 ``model_spec`` (JSON text), ``strategy_state`` (server-optimiser moments as tensors), ``best``
-(``{"round", "metric", "value"}``) and the server-side ``metrics`` of that round.
+(``{"round", "metric", "value"}``), the server-side ``metrics`` of that round and, once the round
+loop has set it (:meth:`CheckpointStore.set_feature_contract`), the run's ``feature_contract``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,22 @@ class CheckpointStore:
         self.metric = metric
         self.mode = mode
         self.best: dict[str, Any] | None = None
+        self.feature_contract: dict[str, Any] | None = None
+
+    def set_feature_contract(self, contract: Any) -> None:
+        """Record the run's feature contract in every checkpoint written from now on (``round_*.pt``,
+        ``last.pt``, ``best.pt``): a :class:`~tdamil.data.contract.FeatureContract`, its
+        ``to_dict()`` or ``to_json()``, or ``None`` (not recorded)."""
+        from tdamil.data.contract import FeatureContract  # noqa: PLC0415
+
+        if contract is None:
+            self.feature_contract = None
+        elif isinstance(contract, FeatureContract):
+            self.feature_contract = contract.to_dict()
+        elif isinstance(contract, str):
+            self.feature_contract = FeatureContract.from_json(contract, source="the run's feature contract").to_dict()
+        else:
+            self.feature_contract = FeatureContract.from_dict(contract, source="the run's feature contract").to_dict()
 
     @property
     def last_path(self) -> Path:
@@ -55,7 +72,8 @@ class CheckpointStore:
         spec = json.loads(model_spec)
         fields = dict(kind="federated", model_config=spec["model"], in_dim=spec["in_dim"],
                       num_classes=spec["num_classes"], metrics=metrics or {}, round=server_round,
-                      model_spec=model_spec, strategy_state=strategy_state or {}, best=self.best)
+                      model_spec=model_spec, strategy_state=strategy_state or {}, best=self.best,
+                      feature_contract=self.feature_contract)
         state = arrays.to_torch_state_dict()
         written: list[tuple[str, Path]] = []
         round_path = self.folder / f"round_{server_round:04d}.pt"
@@ -84,6 +102,16 @@ class CheckpointStore:
         self._prune(current)
 
     def load_last(self) -> dict[str, Any]:
+        """``last.pt`` to resume from; refused when it recorded another feature contract than the one
+        set now (the resumed model was trained on other features)."""
         ckpt = load_checkpoint(self.last_path)
+        recorded = ckpt.get("feature_contract")
+        if self.feature_contract is not None and recorded is not None and dict(recorded) != self.feature_contract:
+            changed = ", ".join(f"{k} {recorded.get(k)!r} -> {self.feature_contract.get(k)!r}"
+                                for k in sorted(set(recorded) | set(self.feature_contract))
+                                if recorded.get(k) != self.feature_contract.get(k))
+            raise ValueError(f"{self.last_path}: the run's feature contract changed ({changed}); the model was trained "
+                             "on other features. Resume with the contract of that run, or start a new run in another "
+                             "output folder.")
         self.best = ckpt.get("best")
         return ckpt
