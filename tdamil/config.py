@@ -3,7 +3,7 @@
 Each command declares its configuration as (nested) dataclasses and loads YAML with
 :func:`load_config`. Loading validates everything before any work starts:
 
-* unknown keys are rejected (with a "did you mean" hint),
+* unknown keys are rejected, every one of them named, with a "did you mean" hint,
 * required fields (dataclass fields without a default) must be present,
 * values must match the annotated type (``int``, ``float``, ``str``, ``bool``, ``Path``,
   ``Optional[...]``, ``list[...]``, ``dict[str, ...]``, ``Literal[...]`` and nested dataclasses),
@@ -28,7 +28,7 @@ import yaml
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "load_config", "from_dict", "to_dict", "json_safe", "load_yaml"]
+__all__ = ["ConfigError", "load_config", "from_dict", "to_dict", "json_safe", "load_yaml", "check_keys"]
 
 
 class ConfigError(ValueError):
@@ -108,6 +108,27 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def check_keys(data: dict[str, Any], known: Any, source: str, key: str = "") -> None:
+    """Raise one :class:`ConfigError` naming every key of ``data`` not in ``known`` (names, or a
+    dataclass whose init fields are the names), each with a "did you mean" where one is close.
+
+    The one home of the unknown-key rule: :func:`load_config` applies it to every section, and a
+    command that reads a section by hand calls it before looking at the values."""
+    if dataclasses.is_dataclass(known) and isinstance(known, type):
+        known = [f.name for f in dataclasses.fields(known) if f.init]
+    names = [str(k) for k in known]
+    unknown = [str(k) for k in data if str(k) not in names]
+    if not unknown:
+        return
+    sentences = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, names, n=1)
+        sentences.append(f"'{key}.{name}' is not a known setting." if key else f"'{name}' is not a known setting.")
+        if close:
+            sentences.append(f"Did you mean '{close[0]}'?")
+    raise ConfigError(f"{source}: {' '.join(sentences)} Known keys here: {', '.join(sorted(names))}.")
+
+
 # --------------------------------------------------------------------------------------------
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
@@ -126,15 +147,7 @@ def _build(cls: type, data: Any, source: str, key: str, base_dir: Path | None) -
         raise ConfigError(f"{_where(source, key)} must be a mapping (key: value lines), got {type(data).__name__}.")
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        name = unknown[0]
-        full = f"{key}.{name}" if key else str(name)
-        close = difflib.get_close_matches(str(name), list(fields), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(
-            f"{_where(source, full)} is not a known setting.{hint} Known keys here: {', '.join(sorted(fields))}."
-        )
+    check_keys(data, fields, source, key)
     kwargs = {}
     for name, field in fields.items():
         full = f"{key}.{name}" if key else name

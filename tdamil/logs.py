@@ -16,7 +16,7 @@ import re
 import time
 
 __all__ = ["LOG_FORMAT", "DATE_FORMAT", "setup_logging", "route_flower_to_root", "format_flower_console",
-           "flower_console_handlers", "reformat_flower_line"]
+           "flower_console_handlers", "reformat_flower_line", "one_line"]
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -84,3 +84,9 @@ def reformat_flower_line(line: str, source: str = "flwr") -> str:
     level, stamp, message = m.groups()
     stamp = stamp or time.strftime(DATE_FORMAT)
     return f"{stamp} {level} {source}: {message}" + ("\n" if line.endswith("\n") else "")
+
+
+def one_line(exc: BaseException | str) -> str:
+    """An error's message on one line, without Python's wrappers: what a command prints after
+    ``error:`` (once; the command does not also log it)."""
+    return " ".join(str(exc).split())

@@ -93,3 +93,35 @@ def test_post_init_checks_become_config_errors() -> None:
     with pytest.raises(ConfigError, match=r"x.yaml: 'privacy': privacy.clipping_norm must be > 0"):
         from_dict(WithPrivacy, {"privacy": {"clipping_norm": -1}}, source="x.yaml")
     assert from_dict(WithPrivacy, {"privacy": {"enabled": True}}).privacy.noise_multiplier == 1.0
+
+
+def test_every_unknown_key_is_named_with_its_closest_known_key(tmp_path: Path) -> None:
+    p = write(tmp_path, "name: a\ndata_dir: d\ntrain: {lrr: 1, epoch: 2, zzz: 3}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, Outer)
+    msg = str(info.value)
+    assert "'train.lrr' is not a known setting. Did you mean 'lr'?" in msg
+    assert "'train.epoch' is not a known setting. Did you mean 'epochs'?" in msg
+    assert "'train.zzz' is not a known setting. Known keys here: epochs, lr, optimizer." in msg
+
+
+def test_a_misspelled_data_key_is_named_before_what_it_leaves_missing(tmp_path: Path) -> None:
+    """tdamil-extract / tdamil-predict read the site YAML's data section by hand: `slide_dir` is named
+    as unknown, not reported as a missing manifest or slides_dir."""
+    from tdamil.wsi.cli import load_extraction_sections
+
+    p = write(tmp_path, "site: site_a\ndata: {slide_dir: slides, features_dir: f}\n")
+    with pytest.raises(ConfigError, match=r"'data\.slide_dir' is not a known setting\. Did you mean 'slides_dir'\?"):
+        load_extraction_sections(p)
+    p = write(tmp_path, "site: site_a\ndata: {slides_dir: slides, features_dir: f}\nextration: {encoder: tiny}\n")
+    with pytest.raises(ConfigError, match=r"'extration' is not a known setting\. Did you mean 'extraction'\?"):
+        load_extraction_sections(p)
+
+
+def test_the_extraction_commands_know_every_site_section() -> None:
+    import dataclasses
+
+    from tdamil.client.config import SiteConfig
+    from tdamil.wsi.cli import SITE_SECTIONS
+
+    assert set(SITE_SECTIONS) == {f.name for f in dataclasses.fields(SiteConfig)}

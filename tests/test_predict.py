@@ -1,5 +1,6 @@
 """tdamil-predict: a trained checkpoint (federated or centralised) applied to a site's slides gives
-per-slide predictions, metrics and relevance heatmaps over the real slide's thumbnail."""
+per-slide predictions, metrics and relevance heatmaps over the real slide's thumbnail; new slides
+need no label and no features yet."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tdamil.data.config import DataConfig
 from tdamil.federation.checkpoint import CheckpointStore
 from tdamil.federation.task import ModelSpec, model_to_arrays
 from tdamil.models import create_model
-from tdamil.predict import PredictError, load_trained_model, main, predict_site
+from tdamil.predict import PredictError, decision_threshold, load_trained_model, main, predict_site
 from tdamil.wsi.extract import ExtractionConfig, extract_site
 
 CMU = Path(__file__).parent / "data" / "cmu_small_region.svs"
@@ -92,8 +93,8 @@ def test_federated_checkpoint_loads_the_global_weights(site, tmp_path: Path) -> 
     assert trained.origin == "federated round 4"
     for key, value in model.state_dict().items():
         assert torch.equal(trained.model.state_dict()[key], value), key
-    table = predict_site(trained, site["data"], tmp_path / "out", heatmaps=False)
-    assert len(table) == 2 and not (tmp_path / "out" / "heatmaps").exists()
+    outcome = predict_site(trained, site["data"], tmp_path / "out", heatmaps=False)
+    assert len(outcome.table) == 2 and not outcome.not_predicted and not (tmp_path / "out" / "heatmaps").exists()
 
 
 def test_mismatched_features_and_bad_checkpoints_are_clear_errors(site, tmp_path: Path) -> None:
@@ -110,3 +111,82 @@ def test_mismatched_features_and_bad_checkpoints_are_clear_errors(site, tmp_path
     three = save_checkpoint(tmp_path / "three.pt", create_model(dict(MODEL), in_dim=64, num_classes=3))
     with pytest.raises(PredictError, match="2 classes .* but the model predicts 3"):
         predict_site(load_trained_model(three), site["data"], tmp_path / "o")
+
+
+def _assert_pictures(out: Path, slide_ids: list[str]) -> None:
+    for sid in slide_ids:
+        with Image.open(out / "heatmaps" / f"{sid}.png") as im:
+            assert im.size[0] > 300 and im.size[1] > 300
+        qupath = json.loads((out / "qupath" / f"{sid}.geojson").read_text())
+        assert any(f["properties"]["objectType"] == "tile" for f in qupath["features"])
+
+
+def test_a_folder_of_unlabelled_slides_is_extracted_and_predicted(tmp_path: Path, capsys) -> None:
+    """The normal case for new slides: a slides folder, no manifest, no labels, no features yet."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in ("new_1", "new_2"):
+        shutil.copy(CMU, slides / f"{name}.svs")
+    cfg = tmp_path / "site.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "site": "site_x",
+        "data": {"features_dir": "features", "slides_dir": "slides", "classes": ["MSS", "MSI"]},
+        "extraction": {"encoder": "tiny", "batch_size": 8, "num_workers": 0, "progress": False},
+    }))
+    ckpt = save_checkpoint(tmp_path / "run" / "best.pt", _model())
+    out = tmp_path / "preds"
+    assert main(["--checkpoint", str(ckpt), "--config", str(cfg), "--out", str(out)]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+
+    assert sorted(p.name for p in (tmp_path / "features").glob("*.h5")) == ["new_1.h5", "new_2.h5"]
+    table = pd.read_csv(out / "predictions.csv")
+    assert list(table["slide_id"]) == ["new_1", "new_2"] and "label" not in table.columns
+    assert set(table["prediction"]) <= {"MSS", "MSI"}
+    expected = np.where(table["prob_MSI"] >= 0.5, "MSI", "MSS")
+    assert list(table["prediction"]) == list(expected)
+    assert (table["threshold"] == 0.5).all() and table["threshold_source"].str.contains("no validation").all()
+    assert not (out / "metrics.json").exists()  # metrics only where labels exist
+    _assert_pictures(out, ["new_1", "new_2"])
+
+
+def test_a_slide_id_only_manifest_predicts_with_a_calibrated_threshold(site, tmp_path: Path) -> None:
+    root = site["root"]
+    (root / "ids.csv").write_text("slide_id\ns2\ns1\n")
+    cfg = tmp_path / "site.yaml"  # no extraction section: the features are cached already
+    cfg.write_text(yaml.safe_dump({"site": "site_x", "data": {
+        "manifest": str(root / "ids.csv"), "features_dir": str(root / "features"), "slides_dir": str(root / "slides")}}))
+    val = {"labels": [0, 0, 1, 1], "probs": [0.1, 0.3, 0.35, 0.9]}
+    ckpt = save_checkpoint(tmp_path / "run" / "best.pt", _model(), epoch=2, val_predictions=val)
+    out = tmp_path / "preds"
+    assert main(["--checkpoint", str(ckpt), "--config", str(cfg), "--out", str(out), "--no-heatmaps"]) == 0
+    table = pd.read_csv(out / "predictions.csv")
+    assert list(table["slide_id"]) == ["s2", "s1"] and list(table.columns[:4]) == ["slide_id", "prediction", "prob_0", "prob_1"]
+    assert table["threshold"].iloc[0] == pytest.approx(0.35)
+    assert "calibrated on the checkpoint's 4 validation slides" in table["threshold_source"].iloc[0]
+    assert list(table["prediction"]) == [1 if p >= 0.35 else 0 for p in table["prob_1"]]
+    assert not (out / "metrics.json").exists()
+
+
+def test_decision_threshold_sources() -> None:
+    assert decision_threshold({"threshold": 0.42}, 2) == (0.42, "the checkpoint's threshold")
+    assert decision_threshold({"extra": {"val_predictions": {"labels": [1, 1], "probs": [0.2, 0.9]}}}, 2)[0] == 0.5
+    assert decision_threshold({}, 3)[0] is None
+    t, source = decision_threshold({"val_predictions": {"labels": [0, 1, 0, 1], "probs": [[0.9, 0.1], [0.2, 0.8],
+                                                                                          [0.4, 0.6], [0.3, 0.7]]}}, 2)
+    assert t == pytest.approx(0.7) and "Youden" in source
+
+
+def test_expected_errors_are_one_line_naming_the_file_and_the_fix(site, tmp_path: Path, capsys) -> None:
+    ckpt = save_checkpoint(tmp_path / "best.pt", _model())
+    slides_only = tmp_path / "no_extraction.yaml"  # slides without features and nothing to extract them with
+    slides_only.write_text(yaml.safe_dump({"site": "site_x", "data": {
+        "features_dir": str(tmp_path / "empty"), "slides_dir": str(site["root"] / "slides")}}))
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(yaml.safe_dump({"site": "site_x", "data": {
+        "slide_dir": str(site["root"] / "slides"), "features_dir": "f"}}))
+    for cfg, expected in ((slides_only, "no features for 2 of 2 slides (s1, s2). Add an extraction section"),
+                          (typo, "'data.slide_dir' is not a known setting. Did you mean 'slides_dir'?")):
+        assert main(["--checkpoint", str(ckpt), "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and expected in err and str(tmp_path) in err  # names the file
+        assert err.count("\n") == 1 and "Traceback" not in err

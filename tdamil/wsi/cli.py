@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from tdamil.config import ConfigError, from_dict, load_yaml
-from tdamil.logs import setup_logging
+from tdamil.logs import one_line, setup_logging
 
 logger = logging.getLogger("tdamil.wsi.cli")
 
@@ -57,33 +57,50 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def load_extraction_sections(path: Path, overrides: Optional[dict] = None):
-    """``(site, DataConfig, ExtractionConfig)`` from a site YAML; other sections are ignored.
+#: The top-level sections of a site YAML (``tdamil.client.config.SiteConfig``, which the apps own;
+#: tests/test_config.py keeps the two equal). The commands here read three of them and reject
+#: misspelled ones, so that ``extration:`` is an error instead of a silently ignored section.
+SITE_SECTIONS = ("site", "data", "extraction", "contract", "accept_unlabelled_features", "train", "federation", "tls",
+                 "auth", "privacy")
+
+
+def load_extraction_sections(path: Path, overrides: Optional[dict] = None, *, extraction_required: bool = True):
+    """``(site, DataConfig, ExtractionConfig)`` from a site YAML; the other sections are left to
+    the training client (their names are checked, their values are not).
 
     ``data.manifest`` may be left out (``DataConfig.manifest`` is then None): extraction then
-    takes every slide file in ``data.slides_dir``.
+    takes every slide file in ``data.slides_dir``. ``extraction_required=False`` (prediction, which
+    extracts only missing features) gives None for the ``extraction`` section when it is absent.
     """
+    from tdamil.config import check_keys
     from tdamil.data.config import DataConfig
 
     from .extract import ExtractionConfig
 
     raw = load_yaml(path)
     base = path.resolve().parent
+    check_keys(raw, SITE_SECTIONS, str(path))
     site = raw.get("site")
     if not isinstance(site, str) or not site:
         raise ConfigError(f"{path}: 'site' is required: the site's name as text, e.g. site: site_a.")
     if "data" not in raw:
         raise ConfigError(f"{path}: 'data' is required (manifest, features_dir, slides_dir). Add the section.")
-    data_raw = dict(raw["data"] or {})
+    data_raw = raw["data"] or {}
+    if not isinstance(data_raw, dict):
+        raise ConfigError(f"{path}: 'data' must be a mapping (key: value lines), got {type(data_raw).__name__}.")
+    check_keys(data_raw, DataConfig, str(path), "data")  # a misspelled key is named before what it leaves missing
+    data_raw = dict(data_raw)
     folder_only = "manifest" not in data_raw
     if folder_only:
         if "slides_dir" not in data_raw:
             raise ConfigError(f"{path}: data needs a manifest (a CSV with a slide_id column) or a slides_dir "
-                              "(every slide file in it is extracted). Add one of them.")
+                              "(every slide file in it is used). Add one of them.")
         data_raw["manifest"] = "."  # validated as a path, then dropped below
     data_cfg = from_dict(DataConfig, data_raw, source=f"{path}: data", base_dir=base)
     if folder_only:
         data_cfg.manifest = None  # type: ignore[assignment]
+    if raw.get("extraction") is None and not extraction_required and not overrides:
+        return site, data_cfg, None
     ext_raw = dict(raw.get("extraction") or {})
     ext_raw.update(overrides or {})
     ext_cfg = from_dict(ExtractionConfig, ext_raw, source=f"{path}: extraction", base_dir=base)
@@ -109,9 +126,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logger.info("site %s: extracting with %s into %s", site, ext_cfg.encoder, data_cfg.features_dir)
         summary = extract_site(data_cfg, ext_cfg, slide_ids=args.slides, shard=args.shard)
     except (ConfigError, ValueError, RuntimeError) as exc:  # config, manifest, encoder, extraction set-up
-        logger.error("%s", exc)
-        print(f"tdamil-extract: error: {exc}", file=sys.stderr)
+        print(f"tdamil-extract: error: {one_line(exc)}", file=sys.stderr)  # once: not logged as well
         return 2
+    summary.from_folder = data_cfg.manifest is None
     summary.print()
     return 0 if summary.ok else 1
 

@@ -1,6 +1,6 @@
 """What happened to each slide of an extraction run: results, the summary table, failure reasons.
 
-Every failure carries a one-line reason (naming the file) and a fix; the table shows both.
+Every failure carries a one-line reason (naming the file) and a fix, printed under the summary table.
 """
 
 from __future__ import annotations
@@ -45,12 +45,17 @@ class SlideResult:
 
 @dataclass
 class ExtractionSummary:
-    """Outcome of :func:`extract_site`: one :class:`SlideResult` per slide, in input order."""
+    """Outcome of :func:`extract_site`: one :class:`SlideResult` per slide, in input order.
+
+    ``from_folder``: the slides were every file of ``data.slides_dir`` (no manifest), so a fix
+    that says "remove the slide from the manifest" is told as "move its file out of the folder".
+    """
 
     results: list[SlideResult]
     encoder: str
     features_dir: Path
     seconds: float = 0.0
+    from_folder: bool = False
 
     @property
     def extracted(self) -> list[SlideResult]:
@@ -77,28 +82,51 @@ class ExtractionSummary:
     def n_patches(self) -> int:
         return sum(r.n_patches for r in self.extracted)
 
+    def fix(self, result: SlideResult) -> str:
+        """A failed slide's fix in the words of this run's mode (manifest or slides folder)."""
+        text = result.fix
+        if self.from_folder:
+            for manifest_words, folder_words in _FOLDER_WORDING.items():
+                text = text.replace(manifest_words, folder_words)
+        return text
+
     def table(self) -> Any:
-        """A rich Table: one row per slide, then totals."""
+        """A rich Table: one short row per slide (it fits 80 columns), totals in the caption.
+        Each failure's reason and fix follow the table (:meth:`print`)."""
         from rich.table import Table
 
         t = Table(title=f"Feature extraction ({self.encoder}) -> {self.features_dir}", show_lines=False)
-        for col, kw in (("slide", {}), ("status", {}), ("patches", {"justify": "right"}),
-                        ("level", {"justify": "right"}), ("s", {"justify": "right"}), ("problem", {"ratio": 3}),
-                        ("fix", {"ratio": 2})):
+        for col, kw in (("slide", {"overflow": "fold"}), ("status", {}), ("patches", {"justify": "right"}),
+                        ("level", {"justify": "right"}), ("s", {"justify": "right"})):
             t.add_column(col, **kw)
         style = {"extracted": "green", "skipped": "cyan", "busy": "yellow", "failed": "bold red"}
         for r in self.results:
             t.add_row(r.slide_id, f"[{style[r.status]}]{r.status}[/]", str(r.n_patches) if r.n_patches else "",
-                      "" if r.read_level is None else str(r.read_level), f"{r.seconds:.1f}", _first_sentence(r.reason), r.fix)
+                      "" if r.read_level is None else str(r.read_level), f"{r.seconds:.1f}")
         t.caption = (f"{len(self.extracted)} extracted ({self.n_patches} patches), {len(self.skipped)} skipped, "
                      f"{len(self.busy)} busy in other processes, {len(self.failed)} failed in {self.seconds:.1f} s")
         return t
 
-    def print(self, console: Any = None) -> None:
-        """Print :meth:`table` (to ``console`` or a new rich Console on stderr)."""
-        from rich.console import Console
+    def failure_lines(self) -> list[str]:
+        """One paragraph per failed slide: ``<slide>: <first sentence of the reason> Fix: <fix>.``"""
+        return [f"{r.slide_id}: {_first_sentence(r.reason).rstrip('.')}. Fix: {self.fix(r)}." for r in self.failed]
 
-        (console or Console(stderr=True)).print(self.table())
+    def print(self, console: Any = None) -> None:
+        """Print :meth:`table` and the failures under it (to ``console`` or a new rich Console on stderr)."""
+        from rich.console import Console
+        from rich.text import Text
+
+        console = console or Console(stderr=True)
+        console.print(self.table())
+        for line in self.failure_lines():
+            console.print(Text(line, style="red"))
+
+
+#: A fix worded for a manifest -> the same fix for a run over every file of data.slides_dir.
+_FOLDER_WORDING = {
+    "remove the slide from the manifest": "move its file out of data.slides_dir",
+    "an 'mpp' column in the manifest or extraction.mpp_overrides": "extraction.mpp_overrides in the site YAML",
+}
 
 
 def _first_sentence(text: str) -> str:
@@ -115,7 +143,7 @@ def fix_for(exc: BaseException) -> str:
     if isinstance(exc, SlideOpenError):
         return "re-copy the file from the scanner or remove the slide from the manifest"
     if isinstance(exc, SlideReadError):
-        return "the slide has corrupt tiles: re-export or re-copy it, or remove it from the manifest"
+        return "the slide has corrupt tiles: re-export or re-copy it, or remove the slide from the manifest"
     if isinstance(exc, NoTissueError):
         return "look at the QC thumbnail; lower extraction.min_tissue or tissue.min_saturation if tissue was missed"
     if isinstance(exc, SlideError):
