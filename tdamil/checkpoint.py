@@ -42,7 +42,7 @@ from torch import nn
 from tdamil.atomic import atomic_path
 from tdamil.config import to_dict
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "annotate_checkpoint"]
 
 CHECKPOINT_FORMAT = 2
 _SCALARS = (str, int, float, bool, type(None))
@@ -115,7 +115,20 @@ def save_checkpoint(
         "metrics": dict(metrics or {}),
         **fields,
     }, "checkpoint")
+    return _write(Path(path), payload)
+
+
+def annotate_checkpoint(path: str | Path, **fields: Any) -> Path:
+    """Add or replace plain fields of an existing checkpoint (e.g. ``feature_contract`` once the
+    run knows it); weights and every other key are kept. Written atomically."""
     path = Path(path)
+    ckpt = load_checkpoint(path)
+    ckpt.update({k: v for k, v in fields.items() if v is not None})
+    ckpt["format"] = CHECKPOINT_FORMAT  # load_checkpoint returned the current layout
+    return _write(path, _plain(ckpt, "checkpoint"))
+
+
+def _write(path: Path, payload: dict[str, Any]) -> Path:
     # through a file object: torch names the archive inside after a path's file name (here the random
     # temporary one), so equal checkpoints would differ in bytes; round_N.pt copied over last.pt
     # must match the sha256 the audit log recorded for last.pt

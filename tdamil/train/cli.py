@@ -12,7 +12,9 @@ in ``data``), ``split`` and ``output_dir``.
 Written to ``<output_dir>/<model name>/`` (``fold_<k>/`` inside it with k-fold CV):
 ``metrics.csv`` (one row per epoch), ``learning_curve.png``, ``test_metrics.json`` (with 95 % CIs),
 ``test_predictions.csv``, ``best.pt``, ``last.pt`` and ``config.yaml`` (the resolved settings);
-with k-fold also ``cv_summary.json`` (mean and std over folds).
+with k-fold also ``cv_summary.json`` (mean and std over folds). With feature files (``dataset:
+manifest``) every file must record the same extraction (:mod:`tdamil.data.contract`), and that
+contract goes into ``best.pt`` / ``last.pt`` as ``feature_contract`` (``tdamil-predict`` checks it).
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from typing import Any, Literal, Optional, Sequence
 import numpy as np
 import yaml
 
-from tdamil.checkpoint import CheckpointError
+from tdamil.checkpoint import CheckpointError, annotate_checkpoint
 from tdamil.config import ConfigError, json_safe, load_config, to_dict
 from tdamil.data.bags import BagDataset, BagFileError, FeatureBagDataset, InMemoryBagDataset
 from tdamil.data.config import DataConfig
+from tdamil.data.contract import ContractError, FeatureContract, contract_of_files, feature_paths
 from tdamil.data.digits import DigitsBagsConfig, make_digits_bags
 from tdamil.data.manifest import ManifestError, load_manifest
 from tdamil.data.splits import folds_from_column, patient_kfold, patient_split, split_from_column
@@ -164,6 +167,18 @@ def _concat(a: InMemoryBagDataset, b: InMemoryBagDataset) -> InMemoryBagDataset:
     )
 
 
+def _feature_contract(folds: list[_Fold]) -> Optional[FeatureContract]:
+    """The extraction all of the run's feature files record (None for in-memory bags); files that
+    disagree raise :class:`ContractError` before any training."""
+    paths = feature_paths(ds for fold in folds for ds in (fold.train, fold.val, fold.test))
+    if not paths:
+        return None
+    contract = contract_of_files(paths)
+    logger.info("Features of %d files: %s (recorded in the checkpoints as feature_contract)", len(paths),
+                contract.describe())
+    return contract
+
+
 def run(cfg: TrainRunConfig, *, model_override: Optional[str] = None, source: str = "<config>") -> dict[str, Any]:
     """Train and test as configured; returns ``{"model": name, "folds": [test metrics...], "out_dir": path}``."""
     from tdamil.models import create_model
@@ -180,6 +195,7 @@ def run(cfg: TrainRunConfig, *, model_override: Optional[str] = None, source: st
     resolved["model"] = to_dict(model_cfg)
     (root / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     folds = _datasets(cfg)
+    contract = _feature_contract(folds)
     results = []
     for fold in folds:
         out = root / fold.name if fold.name else root
@@ -191,6 +207,9 @@ def run(cfg: TrainRunConfig, *, model_override: Optional[str] = None, source: st
         seed_everything(cfg.train.seed)
         model = create_model(model_cfg, in_dim=fold.train.in_dim, num_classes=fold.train.num_classes)
         res = fit(model, fold.train, fold.val, cfg.train, out_dir=out, model_config=model_cfg)
+        for ckpt in (out / "best.pt", out / "last.pt") if contract is not None else ():
+            if ckpt.is_file():
+                annotate_checkpoint(ckpt, feature_contract=contract.to_dict())
         plot_learning_curve(res.history, out / "learning_curve.png", monitor=cfg.train.monitor, title=f"{name} {fold.name}".strip())
         test_metrics: dict[str, float] = {}
         if fold.test is not None and len(fold.test) > 0:
@@ -264,7 +283,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cfg = replace(cfg, output_dir=args.output)
         setup_logging(level=cfg.log_level)
         out = run(cfg, model_override=args.model, source=str(args.config))
-    except (ConfigError, ManifestError, BagFileError, CheckpointError) as exc:
+    except (ConfigError, ManifestError, BagFileError, CheckpointError, ContractError) as exc:
         print(f"tdamil-train: error: {exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:
