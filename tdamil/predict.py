@@ -65,6 +65,8 @@ class TrainedModel:
     origin: str  # e.g. "federated round 12" or "training epoch 30"
     threshold: Optional[float] = DEFAULT_THRESHOLD  # P(last class) >= threshold -> last class; None: argmax
     threshold_source: str = "default 0.5: the checkpoint carries no validation predictions"
+    feature_contract: Optional[dict[str, Any]] = None  # the features it was trained on (tdamil.data.contract)
+    path: Optional[Path] = None  # the checkpoint file
 
 
 def load_trained_model(path: str | Path) -> TrainedModel:
@@ -97,7 +99,8 @@ def load_trained_model(path: str | Path) -> TrainedModel:
         raise PredictError(f"{path}: the weights do not fit the recorded model ({str(exc).splitlines()[0]}).") from None
     model.eval()
     threshold, source = decision_threshold(ckpt, int(num_classes))
-    return TrainedModel(model, dict(model_cfg), int(in_dim), int(num_classes), origin, threshold, source)
+    return TrainedModel(model, dict(model_cfg), int(in_dim), int(num_classes), origin, threshold, source,
+                        ckpt.get("feature_contract"), path)
 
 
 def decision_threshold(ckpt: dict[str, Any], num_classes: int) -> tuple[Optional[float], str]:
@@ -251,13 +254,21 @@ def extract_missing(data_cfg: DataConfig, ext_cfg: Any, slides: SlideSet) -> Opt
 
 def open_features(data_cfg: DataConfig, slides: SlideSet, trained: TrainedModel) -> Any:
     """The one place tdamil-predict opens feature files: a lazy dataset of ``slides`` whose features
-    fit ``trained`` (their dimension; a check that they come from the model's encoder belongs here).
+    fit ``trained`` (their dimension, and the checkpoint's ``feature_contract`` where it has one).
     Raises :class:`PredictError` naming the folder and the fix."""
     from tdamil.data.bags import FeatureBagDataset
 
     labels = slides.labels if slides.labels is not None else [0] * len(slides.ids)  # unlabelled: unused
     dataset = FeatureBagDataset(data_cfg.features_dir, slides.ids, labels, len(slides.classes),
                                 patient_ids=slides.patients, suffix=data_cfg.features_suffix)
+    if trained.feature_contract:  # encoder, weights, magnification, patch size: attrs only, every file
+        from tdamil.data.contract import ContractError, FeatureContract, check_features, checkpoint_origin, feature_paths
+
+        try:  # files without the attrs (CLAM/TRIDENT) are taken on trust here, with a loud warning
+            check_features(feature_paths([dataset]), FeatureContract.from_dict(trained.feature_contract), site=None,
+                           allow_unlabelled_attrs=True, origin=checkpoint_origin(trained.path or "the checkpoint"))
+        except ContractError as exc:
+            raise PredictError(str(exc)) from None
     if dataset.in_dim != trained.in_dim:
         raise PredictError(
             f"{data_cfg.features_dir}: features have {dataset.in_dim} dims but the model expects {trained.in_dim}; "
