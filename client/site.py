@@ -90,7 +90,10 @@ def prepare_site(cfg: Any, extraction: Any, *, extract: bool = True) -> dict[str
     if extract and cfg.federation.extract_missing and cfg.data.slides_dir is not None and extraction is not None:
         from tdamil.wsi.extract import extract_site  # noqa: PLC0415
 
-        logger.info("Feature extraction: %s", extract_site(cfg.data, extraction))
+        summary = extract_site(cfg.data, extraction)
+        if not summary.ok:  # each failed slide with its reason and fix, under the table
+            summary.print()
+        logger.info("Feature extraction: %s", summary.table().caption)
     from tdamil.federation.data import split_datasets  # noqa: PLC0415
 
     fed = cfg.federation
@@ -146,6 +149,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     setup_logging(args.verbose)
     from tdamil.client.config import load_site_config, site_config_path  # noqa: PLC0415
     from tdamil.security.preflight import SecurityCheckError, check_site_security  # noqa: PLC0415
+    from tdamil.wsi.extract_config import ExtractionError  # noqa: PLC0415 - no slides folder, nothing to extract
 
     path = args.config if args.config is not None else site_config_path(args.site, args.configs_dir)
     try:
@@ -162,7 +166,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             check_features(feature_paths(parts.values()), cfg.contract, site=cfg.site,
                            allow_unlabelled_attrs=cfg.accept_unlabelled_features, origin=site_origin(path))
         dim = check_feature_files(parts) if args.check else None
-    except (ConfigError, ValueError, SecurityCheckError) as exc:
+    except (ConfigError, ValueError, SecurityCheckError, ExtractionError) as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     logger.info("Site %s: %s slides (train/val/test); coordinator %s.", cfg.site,

@@ -221,3 +221,71 @@ def test_run_errors_are_one_line_and_missing_sites_say_how_to_resume(tmp_path):
     hint = coord._resume_hint("Only 0 site(s) connected, 2 required (federation.min_sites)")  # noqa: SLF001
     assert f"flwr-server --config {paths['server'].resolve()} --resume" in hint
     assert coord._resume_hint("ValueError: x") == ""  # noqa: SLF001
+
+
+# Flower 1.42's SuperNode lines (its console format) around a run that finished and a coordinator that left.
+_FLOWER = "\x1b[92mINFO \x1b[0m:      {}"
+_RUN = [_FLOWER.format("SuperNode ID: 123"), _FLOWER.format("[RUN 7, ROUND 2]"),
+        _FLOWER.format("Receiving: train message (ID: abc)"), _FLOWER.format("Received successfully"),
+        _FLOWER.format("Sending: train message (ID: def)")]
+_SENT = [_FLOWER.format("Sent successfully")]
+_GONE = ["\x1b[93mWARNING \x1b[0m:   Connection attempt failed, retrying in 1.05 seconds",
+         "\x1b[93mWARNING \x1b[0m:   Giving up reconnection after 2.49 seconds and 4 tries.",
+         "\x1b[91mERROR \x1b[0m:     Exit Code: 305", "Failed to initialize the connection to the SuperLink.",
+         "[Errno 111] Connection refused", "The SuperNode could not establish a connection to the SuperLink.", "",
+         "For more information, visit: <https://flower.ai/docs/framework/1.42/en/ref-exit-codes/305.html>"]
+
+
+def _echoed(lines: list[str], capsys, state=None) -> str:
+    from tdamil.federation.supernode import _Output
+
+    out = _Output(state)
+    for line in lines:
+        out(line + "\n")
+    return capsys.readouterr().out
+
+
+def test_a_coordinator_gone_after_a_finished_run_is_waiting_not_an_error(capsys):
+    from tdamil.federation.supernode import RUN_FINISHED_LINE, _RunState
+
+    state = _RunState()
+    text = _echoed(_RUN + _SENT + _GONE, capsys, state)
+    assert text.count(RUN_FINISHED_LINE) == 1 and " INFO tdamil.client: " in text
+    assert "ERROR" not in text and "Connection refused" not in text and "305" not in text
+    assert "Sent successfully" in text and "Receiving: train message" in text  # the run's own lines stay
+    # the next SuperNode (restarted while the site waits) is quiet about the missing coordinator ...
+    assert _echoed(_GONE, capsys, state).strip() == ""
+    # ... and a new coordinator's first message ends the wait
+    assert "Receiving" in _echoed(_RUN, capsys, state) and not state.waiting
+
+
+@pytest.mark.parametrize("before", [[], _RUN], ids=["never-connected", "mid-message"])
+def test_a_coordinator_gone_before_a_reply_or_mid_message_stays_an_error(capsys, before):
+    from tdamil.federation.supernode import RUN_FINISHED_LINE
+
+    text = _echoed(before + _GONE, capsys)
+    assert RUN_FINISHED_LINE not in text
+    assert "ERROR flower-supernode: Exit Code: 305" in text and "Connection refused" in text
+
+
+def test_extraction_summary_fits_80_columns_and_words_the_fix_for_a_slides_folder():
+    from rich.console import Console
+
+    from tdamil.wsi.extract_report import ExtractionSummary, SlideResult, fix_for
+    from tdamil.wsi.reader import SlideReadError
+
+    reason = ("/hospital/archive/slides/2024/very_long_slide_name_0001.svs: tile (12, 40) of level 0 cannot be "
+              "decoded (JPEG error). The file is damaged.")
+    results = [SlideResult("very_long_slide_name_0001", "failed", reason=reason, fix=fix_for(SlideReadError(reason))),
+               SlideResult("ok_slide", "extracted", n_patches=1200, seconds=61.2, read_level=1)]
+    for from_folder, wording in ((False, "remove the slide from the manifest"),
+                                 (True, "move its file out of data.slides_dir")):
+        summary = ExtractionSummary(results, "uni", Path("/hospital/features"), 62.0, from_folder=from_folder)
+        console = Console(width=80, record=True, color_system=None)
+        summary.print(console)
+        text = console.export_text()
+        assert wording in text and ("manifest" not in text) == from_folder
+        assert max(len(line) for line in text.splitlines()) <= 80
+        row = [line for line in text.splitlines() if "very_long_slide_name" in line and "failed" in line]
+        assert len(row) == 1  # the slide's row is one line; its reason and fix follow the table
+        assert len(text.splitlines()) <= 16, text

@@ -34,20 +34,71 @@ _REJECTED_MARKERS = ("[code: 2004]", "Failed to activate SuperNode")
 _ACCEPTED_MARKER = "SuperNode ID:"
 
 
+# What a SuperNode prints when the coordinator is not there: Flower's retry warnings, and its
+# exit-code-305 block ("Exit Code: 305" / "Failed to initialize the connection to the SuperLink." /
+# "[Errno 111] Connection refused" / ... / "ref-exit-codes/305.html").
+# A retry warning alone may be a network blip that the next try mends; giving up, or the 305 error,
+# means the coordinator is gone.
+_GONE_MARKERS = ("Connection refused", "Connection attempt failed", "Giving up reconnection", "Exit Code: 305",
+                 "Failed to initialize the connection to the SuperLink",
+                 "could not establish a connection to the SuperLink", "ref-exit-codes/305")
+_GONE_FOR_GOOD = ("Giving up reconnection", "Exit Code: 305", "Connection refused")
+RUN_FINISHED_LINE = "run finished; waiting for the next run"
+
+
 class SuperNodeRejected(RuntimeError):
     """The coordinator refused this SuperNode's key (not registered, or another key)."""
+
+
+class _RunState:
+    """Where the site is in its work, across SuperNode restarts, from the lines Flower prints.
+
+    A coordinator that goes away after this site's last reply, with no message in hand, is a
+    finished run (a coordinator exits when its run ends): the SuperNode's "Connection refused"
+    errors are then the site waiting for the next run, said in one line (:data:`RUN_FINISHED_LINE`),
+    not an error. Gone before the site ever replied, or in the middle of a message, they stay errors.
+    """
+
+    def __init__(self) -> None:
+        self.replied = False  # a reply reached the coordinator in this session
+        self.busy = False  # a message was received and its reply is not sent yet
+        self.waiting = False  # the coordinator left after a finished run; reconnecting quietly
+
+    def note(self, line: str) -> None:
+        if "Receiving:" in line:
+            self.busy, self.waiting = True, False
+        elif "Sent successfully" in line:
+            self.busy, self.replied = False, True
+        elif "Ignoring" in line or "Failed to send message" in line or "Failed to receive message" in line:
+            self.busy = False
+        elif _ACCEPTED_MARKER in line or "Connection successful" in line:
+            self.waiting = False
+
+    def reword(self, line: str) -> Optional[str]:
+        """The line to echo: unchanged, :data:`RUN_FINISHED_LINE` (once per wait) or None (quiet)."""
+        if self.waiting:
+            return None if any(m in line for m in _GONE_MARKERS) or not line.strip() else line
+        if self.replied and not self.busy and any(m in line for m in _GONE_FOR_GOOD):
+            self.waiting = True
+            return f"{time.strftime('%Y-%m-%d %H:%M:%S')} INFO tdamil.client: {RUN_FINISHED_LINE} (the coordinator " \
+                   "closed the connection after this site's last reply; the SuperNode keeps reconnecting)\n"
+        return line
 
 
 class _Output:
     """Echo the SuperNode's lines in the project's log format and note what they say."""
 
-    def __init__(self) -> None:
+    def __init__(self, state: Optional[_RunState] = None) -> None:
         self.ended = threading.Event()
         self.rejected = threading.Event()
         self.accepted = threading.Event()
+        self.state = state or _RunState()
 
     def __call__(self, line: str) -> None:
-        _echo_line(line, "flower-supernode")
+        self.state.note(line)
+        shown = self.state.reword(line)
+        if shown is not None:
+            _echo_line(shown, "flower-supernode")
         if any(marker in line for marker in _ENDED_MARKERS):
             self.ended.set()
         if any(marker in line for marker in _REJECTED_MARKERS):
@@ -57,18 +108,20 @@ class _Output:
 
 
 def _run_once(cmd: list[str], env: dict[str, str], hang_grace: float,
-              companion: Optional[Callable[[int], list[str]]] = None) -> tuple[Optional[int], _Output]:
+              companion: Optional[Callable[[int], list[str]]] = None,
+              state: Optional[_RunState] = None) -> tuple[Optional[int], _Output]:
     """Run one SuperNode until it exits (or hangs after its last line); returns (exit code, output).
 
     ``companion(supernode_pid)``: the command of a process that serves this SuperNode (the warm-start
     SuperExec of ``--isolation process``); it is started after the SuperNode and stopped with it, and
     if it dies the SuperNode is restarted with a fresh one (it would receive no task otherwise)."""
-    out = _Output()
+    out = _Output(state)
     proc = ManagedProcess("flower-supernode", cmd, None, env=env, on_line=out)
     helper = None
     try:
         if companion is not None:
-            helper = ManagedProcess("warm-start", companion(proc.pid), None, env=env, on_line=functools.partial(_echo_line, source="warm-start"))
+            helper = ManagedProcess("warm-start", companion(proc.pid), None, env=env,
+                                    on_line=functools.partial(_echo_companion, state=out.state))
         ended_at: Optional[float] = None
         while proc.poll() is None:
             if out.ended.is_set() or out.rejected.is_set():
@@ -85,6 +138,12 @@ def _run_once(cmd: list[str], env: dict[str, str], hang_grace: float,
             helper.stop()
         code = proc.stop()  # SIGTERM, SIGKILL 5 s later (also on Ctrl-C)
     return code, out
+
+
+def _echo_companion(line: str, state: _RunState) -> None:
+    """The warm-start SuperExec's lines; quiet about its lost SuperNode while the site waits for a run."""
+    if not (state.waiting and (any(m in line for m in _GONE_MARKERS) or not line.strip())):
+        _echo_line(line, "warm-start")
 
 
 def _echo_line(line: str, source: str) -> None:
@@ -108,10 +167,11 @@ def supervise_supernode(cmd: list[str], env: dict[str, str], *, restart: bool = 
     signal.signal(signal.SIGTERM, _stop)
     delay = backoff[0]
     accepted_once = False
+    state = _RunState()
     try:
         while True:
             started = time.monotonic()
-            code, out = _run_once(cmd, env, hang_grace, companion)
+            code, out = _run_once(cmd, env, hang_grace, companion, state)
             accepted_once = accepted_once or out.accepted.is_set()
             if out.rejected.is_set() and not accepted_once:
                 raise SuperNodeRejected("the coordinator refused this site's key")
@@ -119,8 +179,11 @@ def supervise_supernode(cmd: list[str], env: dict[str, str], *, restart: bool = 
                 return int(code or 0)
             if time.monotonic() - started > 60:
                 delay = backoff[0]
-            logger.warning("The SuperNode stopped (exit code %s): the coordinator may be restarting or unreachable. "
-                           "Reconnecting in %.0f s (Ctrl-C to quit).", code, delay)
+            if state.waiting:  # after a finished run: said once already (RUN_FINISHED_LINE)
+                logger.debug("Waiting for the next run: SuperNode restarted in %.0f s.", delay)
+            else:
+                logger.warning("The SuperNode stopped (exit code %s): the coordinator may be restarting or "
+                               "unreachable. Reconnecting in %.0f s (Ctrl-C to quit).", code, delay)
             time.sleep(delay)
             delay = min(backoff[1], delay * 2)
     except KeyboardInterrupt:

@@ -39,7 +39,7 @@ from tdamil.data.contract import ContractError, FeatureContract, contract_of_fil
 from tdamil.data.digits import DigitsBagsConfig, make_digits_bags
 from tdamil.data.manifest import ManifestError, load_manifest
 from tdamil.data.splits import folds_from_column, patient_kfold, patient_split, split_from_column
-from tdamil.logs import setup_logging
+from tdamil.logs import one_line, setup_logging
 from tdamil.stats import CI_METRICS, Interval, bootstrap_ci, format_interval, interval_columns
 from tdamil.train.engine import TrainConfig, evaluate, fit, seed_everything
 from tdamil.train.metrics import METRIC_KEYS
@@ -283,8 +283,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cfg = replace(cfg, output_dir=args.output)
         setup_logging(level=cfg.log_level)
         out = run(cfg, model_override=args.model, source=str(args.config))
-    except (ConfigError, ManifestError, BagFileError, CheckpointError, ContractError) as exc:
-        print(f"tdamil-train: error: {exc}", file=sys.stderr)
+    except (ConfigError, ManifestError, BagFileError, CheckpointError, ContractError, ValueError) as exc:
+        print(f"tdamil-train: error: {one_line(exc)}", file=sys.stderr)  # once, on one line; not logged as well
         return 2
     except FloatingPointError as exc:
         print(f"tdamil-train: training diverged: {exc}", file=sys.stderr)
