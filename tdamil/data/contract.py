@@ -291,10 +291,10 @@ def check_features(paths: Iterable[str | Path], contract: FeatureContract, *, si
     observed = FeatureContract(**{name: value for name, (value, _) in first.items()})
     report = ContractReport(site, n, contract, observed, unlabelled)
     if unlabelled:
-        fields_ = ", ".join(f"{name} ({len(files)} files)" for name, files in unlabelled.items())
+        missing = ", ".join(f"{name} ({len(files)} files)" for name, files in unlabelled.items())
         logger.warning("%sACCEPTED UNLABELLED FEATURES (%s is set): files that do not record %s were taken on "
                        "trust; whether they fit %s (%s) cannot be checked. Re-extract them with tdamil-extract "
-                       "to remove the doubt.", _prefix(site), _OVERRIDE, fields_, contract.describe(), origin.where)
+                       "to remove the doubt.", _prefix(site), _OVERRIDE, missing, contract.describe(), origin.where)
     logger.info("%s", report.summary())
     return report
 
