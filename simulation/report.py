@@ -8,7 +8,9 @@ applies, else the paired bootstrap), Holm-adjusted over all pairs of the report,
 verdict that says when two results cannot be told apart.
 
 Written: ``comparison.csv`` (one row per target), ``comparison.json`` (rows, pairs, settings),
-``comparison.md`` and ``plots/comparison_<target>.png`` (bars with CI error bars).
+``comparison.md`` and ``plots/comparison_<target>.png`` (bars with CI error bars). A value that does
+not exist (no local model of a held-out cohort, a one-class target) is an empty CSV cell, null in
+JSON, "n/a" in the table and the plot (no bar).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from tdamil.stats import (CI_METRICS, Difference, Interval, bootstrap_ci, compar
                           short_verdict)
 
 __all__ = ["MODELS", "TargetPredictions", "CISettings", "comparison_row", "paired_rows", "write_comparison",
-           "site_means"]
+           "site_means", "comparison_figure"]
 
 MODELS: tuple[str, ...] = ("federated", "centralised", "local_own")
 _LABEL = {"federated": "federated", "centralised": "centralised", "local_own": "local own"}
@@ -162,22 +164,37 @@ def _fmt_p(p: float) -> str:
     return "n/a" if not math.isfinite(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")
 
 
-def _plot(row: dict[str, Any], path: Path) -> None:
+def comparison_figure(row: dict[str, Any]) -> Figure:
+    """AUROC bars of one target with their CIs. A missing value gets no bar, only "n/a" (never a bar
+    of 0); a value without an interval (local mean) gets no error bar."""
     fig = Figure(figsize=(4.4, 3.3))
     ax = fig.subplots()
     names = [_LABEL[m] for m in MODELS] + ["local mean"]
     ivs = [_iv(row, f"{m}_auroc") for m in MODELS] + [Interval(row["local_mean_auroc"], math.nan, math.nan)]
-    values = [iv.estimate if math.isfinite(iv.estimate) else 0.0 for iv in ivs]
-    err = np.array([[iv.estimate - iv.low, iv.high - iv.estimate] if math.isfinite(iv.low) else [0.0, 0.0]
-                    for iv in ivs]).T
-    ax.bar(names, values, yerr=err, capsize=4, color=["tab:blue", "tab:gray", "tab:orange", "tab:olive"])
+    colours = ["tab:blue", "tab:gray", "tab:orange", "tab:olive"]
+    for i, (iv, colour) in enumerate(zip(ivs, colours)):
+        if not math.isfinite(iv.estimate):
+            ax.text(i, 0.02, "n/a", ha="center", va="bottom", fontsize=9, color="dimgray")
+            continue
+        ax.bar(i, iv.estimate, color=colour)
+        top = iv.estimate
+        if math.isfinite(iv.low) and math.isfinite(iv.high):
+            ax.errorbar(i, iv.estimate, yerr=[[iv.estimate - iv.low], [iv.high - iv.estimate]], fmt="none",
+                        ecolor="black", capsize=4)
+            top = iv.high
+        ax.text(i, top + 0.01, f"{iv.estimate:.3f}", ha="center", va="bottom", fontsize=8)  # above the error bar
+    ax.set_xticks(range(len(names)), names)
+    ax.set_xlim(-0.6, len(names) - 0.4)
     ax.set_ylim(0.0, 1.12)
     ax.set_ylabel("AUROC (95% CI)")
     ax.set_title(str(row["evaluated_on"]))
-    for i, (v, iv) in enumerate(zip(values, ivs)):  # label above the error bar
-        ax.text(i, (iv.high if math.isfinite(iv.high) else v) + 0.01, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    return fig
+
+
+def _csv_cell(value: Any) -> Any:
+    """A missing number (NaN) is an empty CSV cell, never the text ``nan``."""
+    return "" if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def write_comparison(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], out_dir: Path, budget: int,
@@ -190,7 +207,7 @@ def write_comparison(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], ou
     with open(out_dir / "comparison.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: _csv_cell(v) for k, v in r.items()} for r in rows)
     doc = {"budget_epochs": budget, "bootstrap": {"unit": "patient", "stratified_by": "class",
                                                   "resamples": ci.n_resamples, "level": ci.level, "seed": ci.seed},
            "site_mean_auroc": site_means(rows), "rows": rows, "pairs": pairs, **(extra or {})}
@@ -199,4 +216,5 @@ def write_comparison(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], ou
     plots = out_dir / "plots"
     plots.mkdir(exist_ok=True)
     for r in rows:
-        _plot(r, plots / f"comparison_{str(r['evaluated_on']).replace(':', '_').replace('/', '_')}.png")
+        name = str(r["evaluated_on"]).replace(":", "_").replace("/", "_")
+        comparison_figure(r).savefig(plots / f"comparison_{name}.png", dpi=100)

@@ -7,7 +7,8 @@ import json
 
 import numpy as np
 
-from tdamil.simulation.report import CISettings, TargetPredictions, comparison_row, paired_rows, write_comparison
+from tdamil.simulation.report import (CISettings, TargetPredictions, comparison_figure, comparison_row, paired_rows,
+                                      write_comparison)
 
 
 def _target(name, rng, n=120, strong=True, local=True):
@@ -34,7 +35,8 @@ def test_report_has_intervals_everywhere_and_plain_verdicts(tmp_path):
     a = table[0]
     assert float(a["federated_auroc_ci_low"]) < float(a["federated_auroc"]) < float(a["federated_auroc_ci_high"])
     assert {"centralised_f1_ci_high", "local_own_balanced_accuracy_ci_low"} <= set(a)
-    assert table[1]["local_own_auroc"] == "nan"  # no local model of a held-out cohort
+    assert table[1]["local_own_auroc"] == ""  # no local model of a held-out cohort: an empty cell
+    assert "nan" not in (tmp_path / "comparison.csv").read_text().lower()
     doc = json.loads((tmp_path / "comparison.json").read_text())
     assert doc["bootstrap"] == {"unit": "patient", "stratified_by": "class", "resamples": 500, "level": 0.95, "seed": 1}
     assert [(p["a"], p["b"]) for p in doc["pairs"]] == [
@@ -66,3 +68,18 @@ def test_coordinator_heldout_evaluation_reports_intervals():
         metrics = make_heldout_evaluate(spec, {"ext": ds})(1, model_to_arrays(build_model(spec)))["ext"]
     assert metrics["n"] == 20 and {"auroc_ci_low", "auroc_ci_high", "f1_ci_low"} <= set(metrics)
     assert metrics["auroc_ci_low"] <= metrics["auroc"] <= metrics["auroc_ci_high"]
+
+
+def test_the_plot_draws_no_bar_for_a_missing_value_and_no_error_bar_without_an_interval():
+    """Held-out cohort: no local model of its own (n/a in the table) and a local mean without a CI."""
+    rng = np.random.default_rng(0)
+    row = comparison_row(_target("held-out:ext", rng, local=False), CISettings(n_resamples=200, seed=1))
+    ax = comparison_figure(row).axes[0]
+    bars = {round(p.get_x() + p.get_width() / 2): p.get_height() for p in ax.patches}
+    assert sorted(bars) == [0, 1, 3]  # federated, centralised, local mean; no bar at local own (index 2)
+    assert bars[3] == 0.6 and all(h > 0 for h in bars.values())
+    texts = {round(t.get_position()[0]): t.get_text() for t in ax.texts}
+    assert texts[2] == "n/a" and texts[3] == "0.600"
+    # error bars (with caps) only on the two models with a bootstrap interval
+    caps_x = sorted({round(float(x)) for line in ax.lines for x in line.get_xdata()})
+    assert caps_x == [0, 1]

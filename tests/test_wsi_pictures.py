@@ -9,7 +9,7 @@ import numpy as np
 
 from tdamil.data.h5 import write_features
 from tdamil.wsi.grid import plan_read, tissue_grid
-from tdamil.wsi.heatmap import heatmap_for_slide, save_heatmap, score_canvas
+from tdamil.wsi.heatmap import colour_scale, heatmap_for_slide, rank_within_slide, save_heatmap, score_canvas
 from tdamil.wsi.qc import qc_images, save_qc_pictures
 from tdamil.wsi.reader import open_slide
 from tdamil.wsi.tissue import segment_tissue
@@ -69,3 +69,34 @@ def test_heatmap_png_from_a_feature_file(tmp_path):
     out3 = save_heatmap(tmp_path / "raw.png", tm.thumbnail, coords, scores ** 4, plan.patch_size_level0,
                         tm.downsample, label="attention")
     assert not np.array_equal(cv2.imread(str(out2)), cv2.imread(str(out3)))
+
+
+def test_uniform_attention_is_drawn_as_one_colour_and_says_so(tmp_path, monkeypatch):
+    """ABMIL attention identical for every patch (12 at 1/12): one colour, a note, the label once;
+    never a blue-to-red gradient in patch order."""
+    uniform = np.full(12, 1 / 12)
+    values, label, note = colour_scale(uniform, True, "attention")
+    assert np.all(values == 0.5)
+    assert label == "attention (rank within slide)"
+    assert note is not None and "same score (0.08333)" in note
+    assert colour_scale(uniform, True, "attention (rank within slide)")[1] == "attention (rank within slide)"
+    assert colour_scale(np.zeros(5), False, "relevance")[2] == "every score is 0: no patch selected on this slide"
+    assert colour_scale(np.linspace(0, 1, 5), False, "relevance")[2] is None
+    # ties share their mean rank; distinct scores still span [0, 1]
+    np.testing.assert_allclose(rank_within_slide(np.array([0.1, 0.1, 0.5, np.nan])), [0.25, 0.25, 1.0, np.nan])
+    np.testing.assert_allclose(rank_within_slide(np.array([3.0, 1.0, 2.0])), [1.0, 0.0, 0.5])
+
+    # what save_heatmap paints: the scores it hands to the canvas
+    import tdamil.wsi.heatmap as heatmap
+
+    painted = []
+    monkeypatch.setattr(heatmap, "score_canvas", lambda shape, c, scores, *a: painted.append(scores) or
+                        score_canvas(shape, c, scores, *a))
+    tm, plan, coords = _cmu()
+    n = len(coords)
+    for scores in (np.full(n, 1 / n), np.linspace(0, 1, n)):
+        out = save_heatmap(tmp_path / "att.png", tm.thumbnail, coords, scores, plan.patch_size_level0, tm.downsample,
+                           normalize=True, label="attention")
+        assert out.stat().st_size > 1000
+    assert np.all(painted[0] == 0.5)  # one colour for the uniform map
+    np.testing.assert_allclose(painted[1], np.linspace(0, 1, n))  # distinct scores keep their full range

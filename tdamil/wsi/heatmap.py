@@ -18,7 +18,8 @@ from tdamil.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["score_canvas", "save_heatmap", "heatmap_for_slide", "patch_size_level0_of"]
+__all__ = ["score_canvas", "save_heatmap", "heatmap_for_slide", "patch_size_level0_of", "rank_within_slide",
+           "colour_scale"]
 
 
 def score_canvas(
@@ -61,10 +62,12 @@ def save_heatmap(
     """Write a PNG: ``thumbnail`` with the patch scores blended on top, and a colorbar.
 
     ``normalize=True`` ranks scores to [0, 1] (for attention weights, whose scale shrinks with bag
-    size; pass ``label="attention"``); otherwise the colour range is ``vmin``/``vmax``, by default
-    the FIXED range [0, 1] of TDA-MIL's ``s_i``, never the scores' own range (a slide with scores of
-    at most 1e-6 must look blank, not red). A slide whose scores are all 0 says so on the picture.
-    ``alpha`` is the opacity of the colours.
+    size; pass ``label="attention"``, the colour bar says "(rank within slide)"); tied scores share
+    their mean rank, so equal scores get one colour and a slide whose scores are all equal (ABMIL's
+    uniform attention) is drawn in one colour that says so, never as a gradient in patch order.
+    Otherwise the colour range is ``vmin``/``vmax``, by default the FIXED range [0, 1] of TDA-MIL's
+    ``s_i``, never the scores' own range (a slide with scores of at most 1e-6 must look blank, not
+    red). A slide whose scores are all 0 says so on the picture. ``alpha`` is the opacity of the colours.
     """
     import matplotlib
 
@@ -72,12 +75,7 @@ def save_heatmap(
     import matplotlib.pyplot as plt
     from matplotlib import colors
 
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    if normalize and len(scores):
-        order = scores.argsort().argsort()
-        scores = order / max(len(scores) - 1, 1)
-    finite = scores[np.isfinite(scores)]
-    all_zero = bool(finite.size) and not normalize and bool(np.all(finite == 0))
+    scores, label, note = colour_scale(scores, normalize, label)
     lo = 0.0 if vmin is None else vmin
     hi = 1.0 if vmax is None else vmax
     if hi <= lo:
@@ -100,17 +98,51 @@ def save_heatmap(
         ax.set_axis_off()
         if title:
             ax.set_title(title)
-        if all_zero:
-            ax.text(0.5, 0.02, "every score is 0: no patch selected on this slide", transform=ax.transAxes,
-                    ha="center", va="bottom", fontsize=10, bbox=dict(facecolor="white", alpha=0.8))
+        if note:
+            ax.text(0.5, 0.02, note, transform=ax.transAxes, ha="center", va="bottom", fontsize=10,
+                    bbox=dict(facecolor="white", alpha=0.8))
         sm = plt.cm.ScalarMappable(norm=norm, cmap=cm)
-        fig.colorbar(sm, ax=ax, fraction=0.046, pad=0.02, label=label + (" (rank)" if normalize else ""))
+        fig.colorbar(sm, ax=ax, fraction=0.046, pad=0.02, label=label)
         path = Path(path)
         with atomic_path(path, suffix=".tmp.png") as tmp:
             fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(fig)
     return path
+
+
+RANK_SUFFIX = " (rank within slide)"
+
+
+def colour_scale(scores: np.ndarray, normalize: bool, label: str) -> tuple[np.ndarray, str, Optional[str]]:
+    """``(values to colour, colour-bar label, note for the picture or None)``: with ``normalize``
+    the ranks within the slide and the label saying so (once); a note when every score is 0 (on the
+    fixed scale) or every patch has the same score."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    raw = scores[np.isfinite(scores)]
+    note = None
+    if raw.size and not normalize and bool(np.all(raw == 0)):
+        note = "every score is 0: no patch selected on this slide"
+    elif raw.size > 1 and bool(np.all(raw == raw[0])):
+        note = f"every patch has the same score ({raw[0]:.4g}): nothing stands out on this slide"
+    if normalize:
+        scores = rank_within_slide(scores)
+        label = label if label.endswith(RANK_SUFFIX) else label + RANK_SUFFIX
+    return scores, label, note
+
+
+def rank_within_slide(scores: np.ndarray) -> np.ndarray:
+    """Scores -> their rank scaled to [0, 1]; ties share their mean rank (all equal -> all 0.5),
+    NaN stays NaN. Rank order never invents differences that the scores do not have."""
+    from scipy.stats import rankdata
+
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    out = np.full(scores.shape, np.nan)
+    finite = np.isfinite(scores)
+    n = int(finite.sum())
+    if n:
+        out[finite] = 0.5 if n == 1 else (rankdata(scores[finite], method="average") - 1) / (n - 1)
+    return out
 
 
 def heatmap_for_slide(
