@@ -190,3 +190,22 @@ def test_expected_errors_are_one_line_naming_the_file_and_the_fix(site, tmp_path
         err = capsys.readouterr().err
         assert err.startswith("error: ") and expected in err and str(tmp_path) in err  # names the file
         assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_slide_that_cannot_be_extracted_is_listed_with_a_fix_for_a_slides_folder(site, tmp_path: Path, capsys) -> None:
+    slides, features = tmp_path / "slides", tmp_path / "features"
+    slides.mkdir()
+    features.mkdir()
+    shutil.copy(CMU, slides / "good.svs")
+    shutil.copy(site["data"].features_dir / "s1.h5", features / "good.h5")  # extracted already
+    (slides / "broken.svs").write_bytes(b"not a slide" * 100)
+    cfg = tmp_path / "site.yaml"
+    cfg.write_text(yaml.safe_dump({"site": "site_x", "data": {"features_dir": "features", "slides_dir": "slides"},
+                                   "extraction": {"encoder": "tiny", "num_workers": 0, "progress": False}}))
+    ckpt = save_checkpoint(tmp_path / "best.pt", _model())
+    out = tmp_path / "preds"
+    assert main(["--checkpoint", str(ckpt), "--config", str(cfg), "--out", str(out), "--no-heatmaps"]) == 1
+    err = " ".join(capsys.readouterr().err.split())  # the summary wraps to the console's width
+    assert "broken: " in err and "move its file out of data.slides_dir" in err and "manifest" not in err
+    assert "Not predicted (no features): broken" in err and "Traceback" not in err
+    assert list(pd.read_csv(out / "predictions.csv")["slide_id"]) == ["good"]
