@@ -17,26 +17,48 @@ header and ``X-Forwarded-*`` headers of the client are dropped, so they cannot s
 The HTTP parser is h11 because it hands over the request target as received (httptools reduces an
 absolute-form target ``http://host/path`` to its path before the application sees it).
 
+The port is public, so what one client may hold is bounded (:class:`Limits`, one CLI flag each):
+time to finish the TLS handshake and the request headers, body idle time and minimum body rate
+(also after ``Expect: 100-continue``), time a client may leave an answer unread, open connections
+in all and per client address, header count and bytes, and the bytes of large bodies in flight.
+Bodies are streamed to the SuperLink (a small call is read whole first, so a client trickling it
+holds no upstream connection). Each refusal (404/408/413/429/431/503) is logged with the client
+address and the reason; each kind of line at most :data:`LOG_BURST` times a minute.
+
 With TLS it terminates TLS with the server certificate and talks TLS to the SuperLink on loopback.
 Run as ``python -m tdamil.server.gateway --listen 0.0.0.0:9092 --upstream https://127.0.0.1:9093``
-(``flwr-server`` starts and stops it); ``-v`` logs every forwarded call.
+(``flwr-server`` starts and stops it); ``-v`` logs every forwarded call; ``--help`` lists the limits,
+which ``TDAMIL_GATEWAY_OPTIONS`` in the environment can set when ``flwr-server`` starts the gateway.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
+import functools
 import logging
+import os
 import re
+import shlex
+import signal
+import socket
+import ssl
 import sys
-from typing import Any, Optional
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Optional
 
+import h11
 import httpx
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from tdamil.logs import setup_logging
 
 logger = logging.getLogger("tdamil.server.gateway")  # the same name when run with -m
 
-__all__ = ["FLEET_PATHS", "REFUSED_BODY", "FleetGateway", "refusal", "main"]
+__all__ = ["FLEET_PATHS", "REFUSED_BODY", "Limits", "FleetGateway", "refusal", "main"]
 
 # The Fleet API calls of a Flower 1.42 SuperNode (flwr/supernode/fleet_http_client.py; the same set
 # the SuperLink routes under /v1/fleet). register-node/unregister-node serve SuperNodes that
@@ -48,6 +70,28 @@ FLEET_PATHS = frozenset(f"/v1/fleet/{name}" for name in (
 ))
 REFUSED_BODY = b"Not found: this address serves the Fleet API only.\n"
 MAX_BODY = 64 * 1024 * 1024  # Flower sends model payloads in ~5 MiB objects; nginx.conf uses the same cap
+READ_WHOLE = 64 * 1024  # a body up to this size is read before the upstream call (uvicorn's read window)
+LINGER = 1.0  # s a connection refused outside h11 keeps reading (and dropping) before it closes
+OPTIONS_ENV = "TDAMIL_GATEWAY_OPTIONS"  # more command-line options, read before the real ones
+LOG_BURST = 100  # log lines of one kind per minute; the rest are counted in one line
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may take of the public port; each field is the CLI flag of the same name."""
+    header_timeout: float = 10.0  # s for the TLS handshake, and again from the first byte to the end of the headers
+    body_idle_timeout: float = 30.0  # s without a body byte, also after Expect: 100-continue
+    body_min_rate: int = 16 * 1024  # bytes/s a body must average once body_idle_timeout has passed
+    send_timeout: float = 60.0  # s a client may leave the answer unread before the connection is dropped
+    keepalive_timeout: float = 5.0  # s an idle connection stays open between requests
+    max_connections: int = 2048  # open connections in all (lowered to fit the open-file limit)
+    max_per_address: int = 64  # open connections from one client address
+    max_headers: int = 64  # request header lines (a SuperNode sends about 10)
+    max_header_bytes: int = 16 * 1024  # request line and headers
+    large_body: int = 8 * MiB  # a body declared larger than this needs a share of large_body_budget
+    large_body_budget: int = 128 * MiB  # bytes of large bodies in flight to the SuperLink at once
+
 
 # Only for the log line (the allow-list alone decides): name what the target tried.
 _TRICKS = (
@@ -62,6 +106,7 @@ _TRICKS = (
 _DROP_HEADERS = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "trailer",
                  "upgrade", "proxy-authorization", "proxy-authenticate", "proxy-connection", "expect",
                  "forwarded", "x-real-ip"}
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
 
 
 def refusal(method: str, target: bytes, query: bytes = b"") -> Optional[str]:
@@ -85,70 +130,201 @@ def _shown(raw: bytes, limit: int = 200) -> str:
     return text + ("..." if len(raw) > limit else "")
 
 
-class _TooLarge(Exception):
-    pass
+class _FloodFilter(logging.Filter):
+    """At most ``burst`` records per message template (and status) and ``window`` seconds pass; the others are
+    counted and reported in one line when the window ends, so a flood cannot fill the disk."""
+
+    def __init__(self, burst: int = LOG_BURST, window: float = 60.0) -> None:
+        super().__init__()
+        self.burst, self.window = burst, window
+        self.seen: dict[str, list] = {}  # template -> [window start, passed, dropped]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "flood_summary", False):
+            return True
+        args = record.args if isinstance(record.args, tuple) else ()
+        key = f"{record.msg} {args[-1]}" if args and isinstance(args[-1], int) else str(record.msg)  # + status
+        now = time.monotonic()
+        entry = self.seen.get(key)
+        if entry is None or now - entry[0] >= self.window:
+            self._report(key)
+            entry = self.seen[key] = [now, 0, 0]
+        if entry[1] < self.burst:
+            entry[1] += 1
+            return True
+        entry[2] += 1
+        if entry[2] == 1:  # the first dropped line of this window: report the count when it ends
+            try:
+                asyncio.get_running_loop().call_later(entry[0] + self.window - now, self._report, key)
+            except RuntimeError:  # no event loop: reported with the next line of this kind
+                pass
+        return False
+
+    def _report(self, key: str) -> None:
+        entry = self.seen.pop(key, None)
+        if entry and entry[2]:
+            logger.warning("%d more lines like %r in %.0f s were not logged.", entry[2], key[:80], self.window,
+                           extra={"flood_summary": True})
 
 
-async def _read_body(receive: Any) -> bytes:
-    chunks, size, more = [], 0, True
-    while more:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ConnectionResetError("client went away")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise _TooLarge
-        chunks.append(chunk)
-        more = message.get("more_body", False)
-    return b"".join(chunks)
+class _Refused(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
 
 
-async def _answer(send: Any, status: int, body: bytes, headers: Optional[list[tuple[bytes, bytes]]] = None) -> None:
+class _Gone(Exception):
+    """The client closed the connection."""
+
+
+_PHRASES = {408: b"Request Timeout", 413: b"Content Too Large", 429: b"Too Many Requests",
+            431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}
+
+
+def _raw_answer(status: int, reason: str) -> bytes:
+    """A complete HTTP/1.1 answer that closes the connection, for refusals made outside h11."""
+    body = f"{reason}\n".encode()
+    return (b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n" % (status, _PHRASES[status], len(body))) + body
+
+
+async def _answer(send: Any, status: int, body: bytes, headers: Optional[list[tuple[bytes, bytes]]] = None,
+                  close: bool = False) -> None:
     if headers is None:
         headers = [(b"content-type", b"text/plain; charset=utf-8")]
     headers = [*headers, (b"content-length", str(len(body)).encode())]
+    if close:  # a refused request's unread body is not read and thrown away: the connection ends
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class _Budget:
+    """Bytes of large bodies in flight; a request waits for its share, for at most ``timeout`` s."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.used = size, 0
+        self.freed = asyncio.Event()
+
+    async def acquire(self, n: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.used + n > self.size:
+            self.freed.clear()
+            try:
+                await asyncio.wait_for(self.freed.wait(), deadline - time.monotonic())
+            except (asyncio.TimeoutError, ValueError):
+                return False
+        self.used += n
+        return True
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        self.freed.set()
+
+
+class _Body:
+    """The request body as ASGI messages arrive, each wait bounded: no byte for ``body_idle_timeout``
+    s, or an average under ``body_min_rate`` bytes/s after that, ends the request (408)."""
+
+    def __init__(self, receive: Any, limits: Limits) -> None:
+        self.receive, self.limits = receive, limits
+        self.start, self.size, self.more = time.monotonic(), 0, True
+
+    async def chunk(self) -> bytes:
+        now, lim = time.monotonic(), self.limits
+        idle_end = now + lim.body_idle_timeout
+        rate_end = self.start + lim.body_idle_timeout + self.size / lim.body_min_rate
+        try:  # the first call also sends "100 Continue" when the client asked for it
+            message = await asyncio.wait_for(self.receive(), max(0.0, min(idle_end, rate_end) - now))
+        except asyncio.TimeoutError:
+            idle = idle_end <= rate_end or not self.size
+            raise _Refused(408, f"no body byte for {lim.body_idle_timeout:g} s" if idle else
+                           f"body slower than {lim.body_min_rate} bytes/s") from None
+        if message["type"] == "http.disconnect":
+            raise _Gone
+        data = message.get("body", b"")
+        self.size += len(data)
+        if self.size > MAX_BODY:
+            raise _Refused(413, f"body over {MAX_BODY} bytes")
+        self.more = message.get("more_body", False)
+        return data
+
+    async def head(self) -> bytes:
+        """Up to :data:`READ_WHOLE` bytes (the whole body of a small call)."""
+        parts, got = [], 0
+        while self.more and got < READ_WHOLE:
+            parts.append(await self.chunk())
+            got += len(parts[-1])
+        return b"".join(parts)
+
+    async def rest(self, first: bytes) -> AsyncIterator[bytes]:
+        yield first
+        while self.more:
+            yield await self.chunk()
 
 
 class FleetGateway:
     """ASGI application forwarding only the Fleet API to ``upstream`` (``http(s)://127.0.0.1:port``)."""
 
-    def __init__(self, upstream: str, ca_cert: Optional[str] = None, timeout: float = 300.0) -> None:
-        self.base = httpx.URL(upstream)
+    def __init__(self, upstream: str, ca_cert: Optional[str] = None, timeout: float = 300.0,
+                 limits: Limits = Limits()) -> None:
+        self.base, self.limits = httpx.URL(upstream), limits
+        self.budget = _Budget(limits.large_body_budget)
+        pool = httpx.Limits(max_connections=limits.max_connections, max_keepalive_connections=32)
         self.client = httpx.AsyncClient(verify=ca_cert if ca_cert else True, timeout=timeout,  # type: ignore[arg-type]
-                                        follow_redirects=False, trust_env=False)
+                                        limits=pool, follow_redirects=False, trust_env=False)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-            return
         target, query = scope["raw_path"], scope["query_string"]
         client = scope["client"][0] if scope.get("client") else "?"
         reason = refusal(scope["method"], target, query)
         if reason is not None:
             shown = _shown(target + (b"?" + query if query else b""))
             logger.warning("Refused %s %s from %s: %s.", _shown(scope["method"].encode()), shown, client, reason)
-            await _answer(send, 404, REFUSED_BODY)
+            await _answer(send, 404, REFUSED_BODY, close=True)
             return
+        path = target.decode("ascii")
         try:
-            body = await _read_body(receive)
-        except _TooLarge:
-            logger.warning("Refused POST %s from %s: body over %d bytes.", target.decode(), client, MAX_BODY)
-            await _answer(send, 413, b"Request body too large.\n")
-            return
-        except ConnectionResetError:
-            return
-        await self._forward(target.decode("ascii"), scope, body, client, send)
+            await self._admit(path, scope, receive, client, send)
+        except _Refused as exc:
+            logger.warning("Refused POST %s from %s: %s (%d).", path, client, exc.reason, exc.status)
+            await _answer(send, exc.status, f"{exc.reason}\n".encode(), close=True)
+        except _Gone:
+            pass
 
-    async def _forward(self, path: str, scope: dict, body: bytes, client: str, send: Any) -> None:
+    async def _admit(self, path: str, scope: dict, receive: Any, client: str, send: Any) -> None:
+        lim, headers = self.limits, scope["headers"]
+        # h11 parsed them already; the protocol's byte-level check cannot see pipelined requests
+        if len(headers) > lim.max_headers or sum(len(k) + len(v) + 4 for k, v in headers) > lim.max_header_bytes:
+            raise _Refused(431, f"over {lim.max_headers} header lines or {lim.max_header_bytes} bytes")
+        declared = next((int(v) for k, v in headers if k == b"content-length"), None)  # h11 checked the digits
+        if declared is not None and declared > MAX_BODY:
+            raise _Refused(413, f"body over {MAX_BODY} bytes")
+        share = min(MAX_BODY if declared is None else declared, lim.large_body_budget)
+        share = share if share > lim.large_body else 0
+        if share and not await self.budget.acquire(share, lim.body_idle_timeout):
+            raise _Refused(503, f"{lim.large_body_budget} bytes of large bodies already in flight for "
+                                f"{lim.body_idle_timeout:g} s")
+        try:
+            await self._forward(path, scope, _Body(receive, lim), declared, client, send)
+        finally:
+            if share:
+                self.budget.release(share)
+
+    async def _forward(self, path: str, scope: dict, body: _Body, declared: Optional[int], client: str,
+                       send: Any) -> None:
         headers = [(k, v) for k, v in scope["headers"]
                    if k.decode("latin-1") not in _DROP_HEADERS and not k.startswith(b"x-forwarded-")]
         headers.append((b"x-forwarded-for", client.encode()))
+        first = await body.head()
+        content: Any = first
+        if body.more:  # a large body streams; its declared length goes upstream, not chunked encoding
+            content = body.rest(first)
+            if declared is not None:
+                headers.append((b"content-length", str(declared).encode()))
         url = self.base.copy_with(raw_path=path.encode("ascii"))  # the checked path, nothing re-normalised
         try:
-            response = await self.client.post(url, content=body, headers=headers)
+            response = await self.client.post(url, content=content, headers=headers)
         except httpx.HTTPError as exc:
             logger.error("SuperLink unreachable: %s", exc)
             await _answer(send, 503, b"SuperLink unavailable\n")
@@ -161,18 +337,220 @@ class FleetGateway:
                if k.lower().decode("latin-1") not in _DROP_HEADERS and k.lower() != b"content-encoding"]
         await _answer(send, response.status_code, response.content, out)
 
-    async def _lifespan(self, receive: Any, send: Any) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.client.aclose()
-                await send({"type": "lifespan.shutdown.complete"})
+
+class _Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for the request headers, a byte-level header check
+    before h11 parses them, and a deadline for a client that does not read its answer."""
+
+    def __init__(self, *args: Any, limits: Limits, release: Callable[[], None]) -> None:
+        super().__init__(*args)
+        self.limits, self.release = limits, release
+        self.head, self.lines = b"", 0  # bytes and line ends of the headers still incomplete
+        self.lingering = False
+        self.head_timer: Optional[asyncio.TimerHandle] = None
+        self.send_timer: Optional[asyncio.TimerHandle] = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._start_head_timer()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        for timer in (self.head_timer, self.send_timer):
+            if timer is not None:
+                timer.cancel()
+        self.release()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return
+        if self.conn.their_state is h11.IDLE:  # request line and headers
+            if self.head_timer is None:
+                self._start_head_timer()
+            if not self._head_fits(data):
                 return
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE and self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer, self.head, self.lines = None, b"", 0
+
+    def _head_fits(self, data: bytes) -> bool:
+        lim, seen = self.limits, len(self.head)
+        head = self.head + data
+        end = _HEAD_END.search(head, max(0, seen - 3))
+        size = end.end() if end else len(head)
+        self.lines += head.count(b"\n", seen, size)
+        if size > lim.max_header_bytes:
+            self._refuse(431, f"request headers over {lim.max_header_bytes} bytes")
+        elif self.lines > lim.max_headers + 2:  # the request line and the blank line end in \n too
+            self._refuse(431, f"over {lim.max_headers} request header lines")
+        else:
+            self.head = b"" if end else head
+            return True
+        return False
+
+    def _start_head_timer(self) -> None:
+        self.head_timer = self.loop.call_later(self.limits.header_timeout, self._refuse, 408,
+                                               f"request headers not complete within {self.limits.header_timeout:g} s")
+
+    def _refuse(self, status: int, reason: str) -> None:
+        if self.transport.is_closing() or self.lingering:
+            return
+        logger.warning("Refused connection from %s: %s (%d).", self._peer(), reason, status)
+        self.transport.write(_raw_answer(status, reason))
+        # close after LINGER s of reading and dropping what still comes: closing on unread bytes
+        # sends a reset, which can destroy the answer before the client has read it
+        self.lingering = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER, self.transport.close)
+
+    def _peer(self) -> str:
+        return self.client[0] if self.client else "?"
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.send_timer is None:
+            self.send_timer = self.loop.call_later(self.limits.send_timeout, self._send_stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.send_timer is not None:
+            self.send_timer.cancel()
+            self.send_timer = None
+
+    def _send_stalled(self) -> None:
+        logger.warning("Dropped connection from %s: answer unread for %g s.", self._peer(), self.limits.send_timeout)
+        self.transport.abort()
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+class _Door:
+    """Counts open connections, in all and per client address, from accept to close."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits, self.open, self.per_address = limits, 0, Counter()
+
+    def admit(self, address: str) -> Optional[tuple[int, str]]:
+        if self.open >= self.limits.max_connections:
+            return 503, f"{self.open} connections open (--max-connections)"
+        if self.per_address[address] >= self.limits.max_per_address:
+            return 429, f"{self.per_address[address]} connections open from this address (--max-per-address)"
+        self.open += 1
+        self.per_address[address] += 1
+        return None
+
+    def releaser(self, address: str) -> Callable[[], None]:
+        done = False
+
+        def release() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self.open -= 1
+                self.per_address[address] -= 1
+                if not self.per_address[address]:
+                    del self.per_address[address]
+        return release
+
+
+async def _accept(listener: socket.socket, door: _Door, make: Callable[..., _Protocol], config: Any,
+                  limits: Limits) -> None:
+    loop, pending = asyncio.get_running_loop(), set()
+    while True:
+        try:
+            conn, peer = await loop.sock_accept(listener)
+        except OSError as exc:  # EMFILE/ENFILE/ENOBUFS: out of descriptors or memory; try again shortly
+            logger.error("Cannot accept a connection: %s (open-file limit? see --max-connections).", exc)
+            await asyncio.sleep(0.1)
+            continue
+        address = peer[0]
+        refused = door.admit(address)
+        if refused is not None:
+            logger.warning("Refused connection from %s: %s (%d).", address, refused[1], refused[0])
+            if config.ssl is None:  # with TLS there is no HTTP before a handshake we will not spend on it
+                try:
+                    conn.send(_raw_answer(*refused))
+                except OSError:
+                    pass
+            conn.close()
+            continue
+        release = door.releaser(address)
+        task = loop.create_task(_connect(loop, conn, make, release, config.ssl, limits, address))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+
+async def _connect(loop: asyncio.AbstractEventLoop, conn: socket.socket, make: Callable[..., _Protocol],
+                   release: Callable[[], None], ssl_context: Any, limits: Limits, address: str) -> None:
+    try:
+        await loop.connect_accepted_socket(functools.partial(make, release=release), conn, ssl=ssl_context,
+                                           ssl_handshake_timeout=limits.header_timeout if ssl_context else None)
+    except ssl.SSLError as exc:  # e.g. plaintext HTTP sent to the TLS port
+        logger.warning("Closed connection from %s: TLS handshake failed (%s).", address, exc.reason or exc)
+    except ConnectionAbortedError:  # asyncio's handshake deadline
+        logger.warning("Closed connection from %s: TLS handshake not complete within %g s.", address,
+                       limits.header_timeout)
+    except OSError as exc:  # the client went away (a port probe, a reset)
+        logger.debug("Connection from %s ended before its TLS handshake: %s", address, exc)
+    else:
+        return
+    conn.close()
+    release()
+
+
+def open_file_cap(limits: Limits) -> Limits:
+    """Raise the soft open-file limit toward what ``limits`` need (two descriptors per connection:
+    the client's and the SuperLink's), or lower ``max_connections`` to what the limit allows, so
+    that accept() never fails silently for want of descriptors."""
+    import resource  # noqa: PLC0415 - Unix only
+
+    need = 2 * limits.max_connections + 64  # + the interpreter's own files
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        soft = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft != resource.RLIM_INFINITY and soft < need:
+        fits = max(16, (soft - 64) // 2)
+        logger.warning("Open-file limit %d allows %d connections, not %d (raise LimitNOFILE).", soft, fits,
+                       limits.max_connections)
+        limits = dataclasses.replace(limits, max_connections=fits, max_per_address=min(limits.max_per_address, fits))
+    return limits
+
+
+async def serve(app: FleetGateway, host: str, port: int, limits: Limits, ssl_certfile: Optional[str] = None,
+                ssl_keyfile: Optional[str] = None) -> None:
+    """Serve ``app`` on ``host:port`` until SIGTERM or SIGINT."""
+    import uvicorn  # noqa: PLC0415
+    from uvicorn.server import ServerState  # noqa: PLC0415
+
+    # h11: the raw request target reaches the app; no websockets; the client address is the TCP
+    # peer (no X-Forwarded-For trusted here); no Server header; uvicorn's lines in our log format.
+    config = uvicorn.Config(app, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, http="h11", ws="none",
+                            lifespan="off", proxy_headers=False, server_header=False, date_header=False,
+                            log_level="warning", access_log=False, log_config=None,
+                            timeout_keep_alive=limits.keepalive_timeout,  # type: ignore[arg-type]
+                            h11_max_incomplete_event_size=limits.max_header_bytes)
+    config.load()
+    state = ServerState()
+    make = functools.partial(_Protocol, config, state, {}, limits=limits)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, port), family=family, backlog=1024)
+    listener.setblocking(False)
+    loop, stop = asyncio.get_running_loop(), asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    acceptor = loop.create_task(_accept(listener, _Door(limits), make, config, limits))
+    await stop.wait()
+    acceptor.cancel()
+    listener.close()
+    for protocol in list(state.connections):
+        protocol.shutdown()  # idle connections close now, busy ones after their answer
+    if state.tasks:
+        await asyncio.wait(list(state.tasks), timeout=5)
+    await app.client.aclose()
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tdamil.server.gateway", description=__doc__.split("\n\n")[0])
     parser.add_argument("--listen", required=True, help="public host:port the sites dial")
     parser.add_argument("--upstream", required=True, help="SuperLink URL on loopback, e.g. https://127.0.0.1:9093")
@@ -180,20 +558,43 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--ssl-keyfile", default=None)
     parser.add_argument("--ca-cert", default=None, help="CA that signed the SuperLink's certificate")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every forwarded call")
-    args = parser.parse_args(argv)
+    limits = parser.add_argument_group("limits per client (defaults in brackets)")
+    helps = {
+        "header_timeout": "s for the TLS handshake, and for the request line and headers from their first byte",
+        "body_idle_timeout": "s without a body byte (also after 'Expect: 100-continue') before 408",
+        "body_min_rate": "bytes/s a body must average after body-idle-timeout s, else 408",
+        "send_timeout": "s a client may leave its answer unread before the connection is dropped",
+        "keepalive_timeout": "s an idle connection stays open between requests",
+        "max_connections": "open connections in all; more are answered 503 and closed",
+        "max_per_address": "open connections from one client address; more are answered 429 and closed",
+        "max_headers": "request header lines; more: 431",
+        "max_header_bytes": "bytes of request line and headers; more: 431",
+        "large_body": "bodies declared larger than this many bytes share large-body-budget",
+        "large_body_budget": "bytes of large bodies in flight at once; a body waits body-idle-timeout s, then 503",
+    }
+    for field in dataclasses.fields(Limits):
+        default = field.default
+        limits.add_argument("--" + field.name.replace("_", "-"), type=type(default), default=default,
+                            metavar="N", help=f"{helps[field.name]} [{default}]")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    # flwr-server starts the gateway with --listen and --upstream only: other flags come from the
+    # environment (systemd: Environment="TDAMIL_GATEWAY_OPTIONS=--max-per-address 16"); the command line wins
+    options = shlex.split(os.environ.get(OPTIONS_ENV, ""))
+    args = _parser().parse_args(options + (sys.argv[1:] if argv is None else argv))
     setup_logging(args.verbose)
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)  # a line per call
-    import uvicorn  # noqa: PLC0415
-
+    flood = _FloodFilter()
+    for name in ("tdamil.server.gateway", "uvicorn.error", "asyncio"):
+        logging.getLogger(name).addFilter(flood)
+    limits = open_file_cap(Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)}))
     host, _, port = args.listen.rpartition(":")
-    app = FleetGateway(args.upstream, ca_cert=args.ca_cert)
-    logger.info("Fleet gateway on %s -> %s (%d Fleet API calls, POST only)", args.listen, args.upstream,
-                len(FLEET_PATHS))
-    # h11: the raw request target reaches the app; no websockets; the client address is the TCP
-    # peer (no X-Forwarded-For trusted here); no Server header; uvicorn's lines in our log format.
-    uvicorn.run(app, host=host.strip("[]"), port=int(port), ssl_certfile=args.ssl_certfile,
-                ssl_keyfile=args.ssl_keyfile, http="h11", ws="none", lifespan="on", proxy_headers=False,
-                server_header=False, log_level="warning", access_log=False, log_config=None)
+    app = FleetGateway(args.upstream, ca_cert=args.ca_cert, limits=limits)
+    logger.info("Fleet gateway on %s -> %s (%d Fleet API calls, POST only; %s)", args.listen, args.upstream,
+                len(FLEET_PATHS), ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(limits).items()))
+    asyncio.run(serve(app, host.strip("[]"), int(port), limits, args.ssl_certfile, args.ssl_keyfile))
     return 0
 
 

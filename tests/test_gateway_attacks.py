@@ -19,6 +19,7 @@ the SuperLink on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -31,7 +32,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import pytest
 import yaml
@@ -228,13 +229,16 @@ class _Recorder:
         self.server.server_close()
 
 
-def test_gateway_forwards_the_checked_path_to_its_upstream_and_nothing_else(tmp_path):
-    upstream, port = _Recorder(), free_port()
-    log = tmp_path / "gateway.log"
+@contextlib.contextmanager
+def gateway_process(upstream: str, log: Path, *flags: str, **popen) -> Iterator[tuple[subprocess.Popen, int]]:
+    """``python -m tdamil.server.gateway`` on a free port of 127.0.0.1 in front of ``upstream``
+    (a URL), with ``flags``, its output in ``log``; yields (process, port) once it accepts; stopped after.
+    ``popen``: more arguments for :class:`subprocess.Popen` (e.g. ``preexec_fn``)."""
+    port = free_port()
     with open(log, "wb") as fh:
         gateway = subprocess.Popen([sys.executable, "-m", "tdamil.server.gateway", "--listen", f"127.0.0.1:{port}",
-                                    "--upstream", f"http://127.0.0.1:{upstream.port}"], stdout=fh,
-                                   stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+                                    "--upstream", upstream, *flags], stdout=fh, stderr=subprocess.STDOUT, env=_env(),
+                                   start_new_session=True, **popen)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -244,17 +248,26 @@ def test_gateway_forwards_the_checked_path_to_its_upstream_and_nothing_else(tmp_
                 break
             except OSError:
                 time.sleep(0.2)
-        legit = (b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: 127.0.0.1:1\r\nX-Forwarded-For: 203.0.113.9\r\n"
-                 b"X-Forwarded-Host: evil.example.org\r\nflwr-public-key: QUJD\r\nContent-Length: 5\r\n"
-                 b"Connection: close\r\n\r\nhello")
-        assert send_raw(port, legit, None) == (200, b"upstream-ok")
-        for attack in ATTACKS:
-            request = raw_request(attack, f"127.0.0.1:{port}", f"127.0.0.1:{upstream.port}", b"x")
-            status, body = send_raw(port, request, None)
-            assert status in (400, 404) and (body in (REFUSED_BODY, b"") or body.startswith(INVALID_BODY)), \
-                (attack.name, status, body)
+        yield gateway, port
     finally:
         _stop(gateway)
+
+
+def test_gateway_forwards_the_checked_path_to_its_upstream_and_nothing_else(tmp_path):
+    upstream = _Recorder()
+    log = tmp_path / "gateway.log"
+    try:
+        with gateway_process(f"http://127.0.0.1:{upstream.port}", log) as (_, port):
+            legit = (b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: 127.0.0.1:1\r\nX-Forwarded-For: 203.0.113.9\r\n"
+                     b"X-Forwarded-Host: evil.example.org\r\nflwr-public-key: QUJD\r\nContent-Length: 5\r\n"
+                     b"Connection: close\r\n\r\nhello")
+            assert send_raw(port, legit, None) == (200, b"upstream-ok")
+            for attack in ATTACKS:
+                request = raw_request(attack, f"127.0.0.1:{port}", f"127.0.0.1:{upstream.port}", b"x")
+                status, body = send_raw(port, request, None)
+                assert status in (400, 404) and (body in (REFUSED_BODY, b"") or body.startswith(INVALID_BODY)), \
+                    (attack.name, status, body)
+    finally:
         upstream.close()
     (line, headers, body) = upstream.seen[0]
     assert len(upstream.seen) == 1  # no attack reached the upstream
