@@ -34,9 +34,12 @@ from tdamil.federation.records import (  # noqa: E402
     ARRAYS,
     CONFIG,
     METRICS,
+    ROUND_TOKEN,
     SITE,
     WEIGHT_KEY,
+    ReplyContract,
     eval_metric_keys,
+    reply_problem,
     site_record,
     to_metric_record,
     train_metric_keys,
@@ -101,6 +104,24 @@ def _start_stamps() -> dict[str, float]:
             "time-imported": max(_IMPORTED, started), "time-handler-start": time.time()}
 
 
+def _site_record(msg: Message, rt: SiteRuntime) -> Any:
+    cfg = msg.content[CONFIG] if CONFIG in msg.content.config_records else {}
+    return site_record(rt.name, int(cfg.get("server-round", 0)), str(cfg.get(ROUND_TOKEN, "")))
+
+
+def checked_reply(msg: Message, content: RecordDict, rt: SiteRuntime) -> Message:
+    """The reply, after the site checked it against the message contract the coordinator applies:
+    NaN/Inf weights (e.g. a bf16 overflow on the site's GPU), wrong arrays or unencodable metrics
+    are never sent; the handler raises instead, so the coordinator gets an error reply naming the
+    problem and the site stays in the run."""
+    reply = Message(content, reply_to=msg)
+    problem = reply_problem(reply, ReplyContract.of_instruction(msg))
+    if problem is not None:
+        raise ValueError(f"Site {rt.name}: the reply was not sent because it breaks the federation's message "
+                         f"contract: {problem}. Lower train.lr or set train.max_grad_norm if training diverged.")
+    return reply
+
+
 def make_client_app(provider: SiteProvider) -> ClientApp:
     """A ClientApp whose site data come from ``provider(context)``."""
     app = ClientApp()
@@ -132,8 +153,8 @@ def make_client_app(provider: SiteProvider) -> ClientApp:
         values = {WEIGHT_KEY: len(rt.data.train), **stats, **{f"global-{k}": v for k, v in glob.items()},
                   **{f"val-{k}": v for k, v in val.items()}, **stamps}
         content = RecordDict({ARRAYS: arrays, METRICS: to_metric_record(values, train_metric_keys()),
-                              SITE: site_record(rt.name)})
-        return Message(content, reply_to=msg)
+                              SITE: _site_record(msg, rt)})
+        return checked_reply(msg, content, rt)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -151,8 +172,8 @@ def make_client_app(provider: SiteProvider) -> ClientApp:
         val = local_evaluate(model, rt.data.val)
         stamps["time-global-evaluated"] = stamps["time-reply-built"] = time.time()
         values = {WEIGHT_KEY: len(rt.data.val) if rt.data.val is not None else 0, **val, **stamps}
-        content = RecordDict({METRICS: to_metric_record(values, eval_metric_keys()), SITE: site_record(rt.name)})
-        return Message(content, reply_to=msg)
+        content = RecordDict({METRICS: to_metric_record(values, eval_metric_keys()), SITE: _site_record(msg, rt)})
+        return checked_reply(msg, content, rt)
 
     return app
 

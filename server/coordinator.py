@@ -16,6 +16,7 @@ What it does, in order:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import signal
@@ -121,19 +122,31 @@ class Coordinator:
         return home
 
     def register_keys(self) -> list[str]:
-        """Register every ``<site>.pub`` of ``auth.site_public_keys`` with the SuperLink."""
+        """Register every ``<site>.pub`` of ``auth.site_public_keys`` with the SuperLink and write
+        ``site_nodes.json`` ({node id: site}): the ServerApp names every reply by the key that sent
+        it, never by the name the reply claims."""
+        from tdamil.atomic import atomic_path  # noqa: PLC0415
         from tdamil.security.nodeauth import register_site_keys  # noqa: PLC0415
 
-        return list(register_site_keys(Path(self.cfg.auth.site_public_keys), superlink=CONNECTION,
-                                       flwr_home=self.state_dir / "cli-home"))
+        sites = register_site_keys(Path(self.cfg.auth.site_public_keys), superlink=CONNECTION,
+                                   flwr_home=self.state_dir / "cli-home")
+        with atomic_path(self.site_nodes_path) as tmp:
+            tmp.write_text(json.dumps({str(r.node_id): site for site, r in sites.items()}, indent=1) + "\n",
+                           encoding="utf-8")
+        return list(sites)
+
+    @property
+    def site_nodes_path(self) -> Path:
+        return self.state_dir / "site_nodes.json"
 
     def submit(self) -> int:
         """Submit the run and follow its logs until it ends; returns flwr run's exit code."""
         from tdamil.server.fab import write_app_dir  # noqa: PLC0415
 
         app_dir = write_app_dir(self.state_dir / "app" / "tdamil-fl")
+        nodes = str(self.site_nodes_path) if self.cfg.auth.enabled else ""
         overrides = (f'server-config="{self.config_path}" output-dir="{self.out_dir}" '
-                     f'resume={"true" if self.resume else "false"} session-id="{self.session}"')
+                     f'resume={"true" if self.resume else "false"} session-id="{self.session}" site-nodes="{nodes}"')
         cmd = [flower_bin("flwr"), "run", str(app_dir), CONNECTION, "--run-config", overrides, "--stream"]
         env = flower_env(self.state_dir / "cli-home")
         log_path = self.state_dir / "logs" / "run.log"

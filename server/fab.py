@@ -25,7 +25,9 @@ PUBLISHER = "tdamil"
 APP_NAME = "tdamil-fl"
 COMPONENTS = {"serverapp": "tdamil.server.server_app:app", "clientapp": "tdamil.client.client_app:app"}
 # Run-config keys the ServerApp reads (overridden per run with `flwr run --run-config`).
-APP_CONFIG_DEFAULTS: dict[str, Any] = {"server-config": "", "output-dir": "", "resume": False, "session-id": ""}
+# site-nodes: a JSON file {node id: site} the coordinator writes after registering the sites' keys.
+APP_CONFIG_DEFAULTS: dict[str, Any] = {"server-config": "", "output-dir": "", "resume": False, "session-id": "",
+                                       "site-nodes": ""}
 
 
 def _toml_value(value: Any) -> str:

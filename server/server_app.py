@@ -13,6 +13,7 @@ process next to the SuperLink. The simulation builds the same app with :func:`ma
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -50,6 +51,7 @@ class RunSetup:
     resume: bool = False
     plot: bool = True
     session: Optional[str] = None  # coordinator session id, written on every audit line
+    site_nodes: Optional[dict[int, str]] = None  # authenticated node id -> site (key registration)
     result: Optional[RunResult] = None  # filled in after the run
 
 
@@ -93,7 +95,8 @@ def run_federated(grid: Grid, setup: RunSetup) -> RunResult:
     evaluate_fn = make_heldout_evaluate(setup.spec, setup.heldout) if setup.heldout else None
     loop = RoundLoop(strategy, fed, setup.spec.to_json(), setup.out_dir, ckpt=setup.checkpoint,
                      evaluate_fn=evaluate_fn, epsilon_fn=epsilon_fn, plot=setup.plot, session=setup.session,
-                     on_round=lambda _rnd: write_run_report(setup.out_dir))  # report.html, every round
+                     on_round=lambda _rnd: write_run_report(setup.out_dir),  # report.html, every round
+                     site_nodes=setup.site_nodes)
     initial = model_to_arrays(build_model(setup.spec, seed=fed.seed))
     patient = PatientGrid(grid, min_nodes=fed.min_sites, wait_timeout=fed.wait_for_sites_s,
                           poll_interval=fed.reply_poll_s)
@@ -171,7 +174,11 @@ def setup_from_run_config(context: Context) -> RunSetup:
     if cfg.evaluation.data is not None:
         heldout = cohort_datasets(cfg.evaluation.data, cfg.evaluation.cohorts)
     out_dir = Path(str(context.run_config.get("output-dir") or cfg.output_dir))
-    return RunSetup(spec=ModelSpec(cfg.model, cfg.in_dim, cfg.num_classes), federation=cfg.federation,
+    site_nodes = None
+    nodes_file = str(context.run_config.get("site-nodes") or "")
+    if nodes_file:
+        site_nodes = {int(k): str(v) for k, v in json.loads(Path(nodes_file).read_text(encoding="utf-8")).items()}
+    return RunSetup(site_nodes=site_nodes, spec=ModelSpec(cfg.model, cfg.in_dim, cfg.num_classes), federation=cfg.federation,
                     out_dir=out_dir, checkpoint=cfg.checkpoint, heldout=heldout, privacy=cfg.privacy,
                     resume=bool(context.run_config.get("resume", False)),
                     session=str(context.run_config.get("session-id") or "") or None)

@@ -125,7 +125,9 @@ def test_sites_send_only_model_arrays_metrics_and_their_name(tmp_path):
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
         content = reply.content
         kind = msg.metadata.message_type
-        assert set(content.config_records) == {"site"} and set(content.config_records["site"]) == {"name"}
+        assert set(content.config_records) == {"site"}
+        assert set(content.config_records["site"]) == {"name", "server-round", "round-token"}
+        assert content.config_records["site"]["round-token"] == msg.content["config"]["round-token"]
         assert set(content.metric_records) == {"metrics"}
         want = set(train_metric_keys() if kind == "train" else eval_metric_keys())
         assert set(content.metric_records["metrics"]) == want  # same keys from every site, NaN allowed

@@ -128,19 +128,14 @@ def test_site_segments_sum_to_sent_to_received_whatever_the_stamps():
 
 
 def _bare_loop(tmp_path):
-    """A RoundLoop with only what ``_collect`` uses: the audit, the node -> site map, the timeout and
-    a history that records nothing."""
+    """The round loop's reply intake with an audit, the timeout and a history that records nothing."""
     from types import SimpleNamespace
 
     from tdamil.federation.audit import AuditLog
-    from tdamil.federation.loop import RoundLoop
+    from tdamil.federation.intake import ReplyIntake
 
-    loop = RoundLoop.__new__(RoundLoop)
-    loop.audit = AuditLog(tmp_path / "audit.jsonl")
-    loop.node_sites = {}
-    loop.fed = SimpleNamespace(round_timeout_s=60.0)
-    loop.history = SimpleNamespace(add=lambda *a, **k: None)
-    return loop
+    fed = SimpleNamespace(round_timeout_s=60.0, update_norm_factor=10.0, update_min_cosine=-0.1)
+    return ReplyIntake(AuditLog(tmp_path / "audit.jsonl"), SimpleNamespace(add=lambda *a, **k: None), fed)
 
 
 def test_an_error_reply_from_the_superlink_names_the_site_it_was_sent_to(tmp_path):
@@ -155,27 +150,30 @@ def test_an_error_reply_from_the_superlink_names_the_site_it_was_sent_to(tmp_pat
     sent = SimpleNamespace(metadata=SimpleNamespace(message_id="m-1", dst_node_id=1001))
     error = SimpleNamespace(metadata=SimpleNamespace(src_node_id=1, reply_to_message_id="m-1"),
                             has_error=lambda: True, error=SimpleNamespace(reason="node went offline", code=1))
-    assert loop._collect(grid, 3, "train", [sent], [error]) == []
+    from tdamil.federation.records import ReplyContract
+
+    assert loop.collect(grid, 3, "train", [sent], [error], ReplyContract("train", 3)) == []
     (failure,) = [e for e in read_audit(tmp_path / "audit.jsonl") if e["event"] == "failure"]
     assert failure["site"] == "site_b" and failure["node_id"] == 1001 and failure["round"] == 3
 
 
 def test_replies_are_aggregated_in_site_order_whatever_their_arrival(tmp_path):
     """FedAvg sums floats in the order of the replies it gets; in arrival order two runs of the same
-    seeded simulation differed from round 1 on (in the 8th decimal, then more). _collect hands them
+    seeded simulation differed from round 1 on (in the 8th decimal, then more). The intake hands them
     over sorted by site."""
     from types import SimpleNamespace
 
-    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.app import Message, MetricRecord, RecordDict
 
-    from tdamil.federation.records import SITE, reply_site
+    from tdamil.federation.records import SITE, ReplyContract, eval_metric_keys, reply_site, site_record
 
     loop = _bare_loop(tmp_path)
+    metrics = {k: float("nan") for k in eval_metric_keys()} | {"num-examples": 1}
 
     def reply(site: str, node: int) -> Message:
-        instr = Message(RecordDict(), node, "train")
+        instr = Message(RecordDict(), node, "evaluate")
         instr.metadata.__dict__["_message_id"] = f"m-{site}"
-        out = Message(RecordDict({SITE: ConfigRecord({"name": site}), "metrics": MetricRecord({"num-examples": 1})}),
+        out = Message(RecordDict({SITE: site_record(site, 1, "t"), "metrics": MetricRecord(metrics)}),
                       reply_to=instr)
         out.metadata.__dict__["_src_node_id"] = node
         return out
@@ -183,5 +181,5 @@ def test_replies_are_aggregated_in_site_order_whatever_their_arrival(tmp_path):
     grid = SimpleNamespace(site_names={}, received_at={})
     arrived = [reply("site_c", 3), reply("site_a", 1), reply("site_b", 2)]
     for order in (arrived, arrived[::-1]):
-        got = loop._collect(grid, 1, "train", [], list(order))
+        got = loop.collect(grid, 1, "evaluate", [], list(order), ReplyContract("evaluate", 1, "t"))
         assert [reply_site(r) for r in got] == ["site_a", "site_b", "site_c"]

@@ -24,7 +24,30 @@ class FederationConfig:
     wait_for_sites_s:  how long to wait for min_sites sites to connect before the run stops with an
                        error (it can be resumed).
     strategy:          fedavg | fedprox (proximal term ``proximal_mu`` at the sites) | fedadam |
-                       fedyogi (server optimiser with ``server_lr``, ``server_beta_1/2``, ``server_tau``).
+                       fedyogi (server optimiser with ``server_lr``, ``server_beta_1/2``, ``server_tau``)
+                       | a robust rule, for consortia that must tolerate a faulty or hostile site
+                       (each ignores ``num-examples``: every site counts the same):
+                       fedmedian (coordinate-wise median; tolerates fewer than half the replies
+                       being bad; needs >= 3 sites to outvote one), fedtrimmedavg (drops the
+                       ``trim_beta`` fraction of highest and lowest values per coordinate, then
+                       averages; with 5 sites and beta 0.2 one bad site is trimmed), krum (the one
+                       update closest to its n - f - 2 neighbours; needs n >= 2f + 3 replies),
+                       multikrum (averages the ``krum_select`` best by Krum's score; same
+                       requirement), bulyan (Krum selection, then a trimmed median; needs n >= 4f + 3
+                       replies). f = ``faulty_sites``. Krum and Bulyan are checked against
+                       ``min_replies`` so that a round that may aggregate meets their requirement.
+    faulty_sites:      f, the number of faulty or hostile sites krum / multikrum / bulyan tolerate.
+    trim_beta:         fedtrimmedavg: fraction cut at each end per coordinate (0 <= beta < 0.5).
+    krum_select:       multikrum: how many updates to average (default: min_replies - faulty_sites).
+    max_site_examples: a train reply's ``num-examples`` (the site's training slides, its FedAvg
+                       weight) must be an integer in [1, max_site_examples]; set it to the largest
+                       site's slide count (with a margin) so no site can claim to outweigh the others.
+    update_norm_factor: drop an update whose norm ``||w_site - w_global||`` exceeds this factor times
+                       the median norm of the other sites' updates in that round (null: off). See
+                       :mod:`tdamil.federation.screening`.
+    update_min_cosine: with >= 3 updates, drop one whose cosine with the mean of the others is below
+                       this value and that is opposed to most of them one by one (a sign-flipped
+                       update; null: off).
     evaluate_sites:    also ask the sites to evaluate the global model on their validation split.
     evaluate_with_train: (with evaluate_sites) one message per site per round: the site evaluates
                        the incoming global model before it trains, and the coordinator records it as
@@ -45,7 +68,14 @@ class FederationConfig:
     fraction_sites: float = 1.0
     round_timeout_s: float = 3600.0
     wait_for_sites_s: float = 600.0
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum",
+                      "multikrum", "bulyan"] = "fedavg"
+    faulty_sites: int = 1
+    trim_beta: float = 0.2
+    krum_select: Optional[int] = None
+    max_site_examples: int = 100_000
+    update_norm_factor: Optional[float] = 10.0
+    update_min_cosine: Optional[float] = 0.0
     proximal_mu: float = 0.01
     server_lr: float = 1e-2
     server_beta_1: float = 0.9
@@ -79,6 +109,24 @@ class FederationConfig:
             raise ValueError("federation.round_timeout_s and wait_for_sites_s must be > 0")
         if self.strategy == "fedprox" and self.proximal_mu <= 0:
             raise ValueError("federation.proximal_mu must be > 0 with strategy fedprox")
+        if self.max_site_examples < 1:
+            raise ValueError("federation.max_site_examples must be >= 1")
+        if self.update_norm_factor is not None and self.update_norm_factor <= 1:
+            raise ValueError("federation.update_norm_factor must be > 1 (or null to turn the check off)")
+        if self.update_min_cosine is not None and not -1 <= self.update_min_cosine <= 0:
+            raise ValueError("federation.update_min_cosine must be in [-1, 0] (or null to turn the check off)")
+        if not 0 <= self.trim_beta < 0.5:
+            raise ValueError("federation.trim_beta must be in [0, 0.5)")
+        if self.faulty_sites < 0:
+            raise ValueError("federation.faulty_sites must be >= 0")
+        need = {"krum": 2 * self.faulty_sites + 3, "multikrum": 2 * self.faulty_sites + 3,
+                "bulyan": 4 * self.faulty_sites + 3}.get(self.strategy)
+        if need is not None and self.required_replies < need:
+            raise ValueError(f"federation.strategy {self.strategy} with faulty_sites={self.faulty_sites} needs at "
+                             f"least {need} replies per round: raise min_replies/min_sites to {need} or lower "
+                             "faulty_sites")
+        if self.krum_select is not None and not 1 <= self.krum_select <= self.required_replies:
+            raise ValueError("federation.krum_select must be between 1 and min_replies")
 
 
 @dataclass

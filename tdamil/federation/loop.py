@@ -15,12 +15,27 @@ r-1's global model, recorded as round r-1 (``evaluate`` rows, ``site_evaluation`
 the last round's model gets one separate evaluate message. With ``checkpoint.source: sites``,
 ``best.pt`` for round r-1 is therefore chosen during round r, before that round's aggregation (so
 the strategy state saved with it is still round r-1's).
+
+Nothing a site sends is trusted (issue: one hostile site must not spoil the federation):
+
+1. every reply is checked against the message contract (:func:`~tdamil.federation.records.
+   reply_problem`: this round's token, the global model's arrays, finite values, a bounded
+   ``num-examples``, numeric metrics) and against the identity of its node: the site name comes
+   from the registered key (``site_nodes``) or the simulation's node config, never from the reply;
+2. the remaining updates are screened against each other (:mod:`tdamil.federation.screening`);
+3. the aggregated model must be finite, keep the global model's layout and pass the held-out
+   evaluation; otherwise the round fails, the previous global model (and the strategy's state) is
+   kept, and nothing of it reaches ``last.pt`` / ``best.pt``.
+
+Each refusal is a ``failure`` audit line naming the site (by its registered name) and the reason;
+the round aggregates the others when ``min_replies`` still holds.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -38,13 +53,16 @@ from tdamil.federation.grids import SitesUnavailableError
 from tdamil.federation.history import MetricsHistory, plot_learning_curves
 from tdamil.federation.records import (
     METRICS,
+    ROUND_TOKEN,
+    ReplyContract,
     global_evaluation,
     is_stamp,
     nan_weighted_mean,
-    payload_bytes,
     reply_metrics,
     reply_site,
 )
+from tdamil.federation.intake import ReplyIntake
+from tdamil.federation.screening import cast_like, layout_of, model_problem
 from tdamil.federation.strategies import restore_strategy_state, strategy_state
 from tdamil.federation.timeline import RoundClock, round_table
 
@@ -71,13 +89,17 @@ class RoundLoop:
     (or ``{}``). ``epsilon_fn(round)`` (DP enabled) returns the privacy budget spent so far.
     ``session`` tags every audit line (the coordinator passes its own; default: a fresh id).
     ``on_round(round)`` runs after every round and once when the run ends (the coordinator writes
-    its run report there); an error in it is logged, never fatal.
+    its run report there); an error in it is logged, never fatal. ``site_nodes`` maps each
+    authenticated node id to the site its key was registered for (the coordinator's key
+    registration); without it the simulation's node configs name the sites, and a deployment
+    without key registration trusts the names replies claim but refuses two nodes claiming one.
     """
 
     def __init__(self, strategy: Any, fed: FederationConfig, model_spec: str, out_dir: str | Path, *,
                  ckpt: CheckpointConfig | None = None, evaluate_fn: EvaluateFn | None = None,
                  epsilon_fn: Callable[[int], float] | None = None, plot: bool = True,
-                 session: str | None = None, on_round: Callable[[int], None] | None = None) -> None:
+                 session: str | None = None, on_round: Callable[[int], None] | None = None,
+                 site_nodes: dict[int, str] | None = None) -> None:
         self.strategy = strategy
         self.on_round = on_round
         self._reporter: ThreadPoolExecutor | None = None
@@ -97,18 +119,17 @@ class RoundLoop:
                                      metric=self.ckpt_cfg.metric, mode=self.ckpt_cfg.mode)
         source = self.ckpt_cfg.source or ("heldout" if evaluate_fn is not None else "sites")
         self.best_source = source
-        self.node_sites: dict[int, str] = {}  # learned from replies, for naming failed sites
+        self.intake = ReplyIntake(self.audit, self.history, fed, site_nodes)
+        self.round_token = ""  # fresh per round: replies echo it (a replayed reply does not)
         self.with_train = bool(fed.evaluate_sites and fed.evaluate_with_train)
 
     def _site_of(self, grid: Any, node_id: int) -> str | None:
-        if node_id in self.node_sites:
-            return self.node_sites[node_id]
-        names = getattr(getattr(grid, "inner", grid), "site_names", None)
-        return names.get(node_id) if isinstance(names, dict) else None
+        return self.intake.site_of(grid, node_id)
 
     # ---------------------------------------------------------------------------------------
     def train_config(self) -> ConfigRecord:
         return ConfigRecord({
+            ROUND_TOKEN: self.round_token,
             "local-epochs": int(self.fed.local_epochs),
             "lr": float(self.fed.lr),
             "weight-decay": float(self.fed.weight_decay),
@@ -118,7 +139,7 @@ class RoundLoop:
         })
 
     def evaluate_config(self) -> ConfigRecord:
-        return ConfigRecord({"model-spec": self.model_spec})
+        return ConfigRecord({"model-spec": self.model_spec, ROUND_TOKEN: self.round_token})
 
     def run(self, grid: Any, initial_arrays: ArrayRecord, *, resume: bool = False) -> RunResult:
         arrays = initial_arrays
@@ -148,7 +169,7 @@ class RoundLoop:
                                min_sites=self.fed.min_sites, local_epochs=self.fed.local_epochs, lr=self.fed.lr,
                                model_spec=self.model_spec, global_model_bytes=initial_arrays.count_bytes())
         if start == 1 and self.evaluate_fn is not None:
-            self._server_evaluate(0, arrays)
+            self._record_heldout(0, self._heldout_audited(0, arrays))
         failed: list[int] = []
         if start > self.fed.rounds:
             logger.info("All %d rounds are already done (%s).", self.fed.rounds, self.store.last_path)
@@ -174,17 +195,37 @@ class RoundLoop:
         separate message is due, held-out evaluation, checkpoints, timeline."""
         clock = RoundClock(started=self._round_end or time.time())  # a gap between rounds counts too
         logger.info("[ROUND %d/%d]", rnd, self.fed.rounds)
+        self.round_token = secrets.token_hex(8)
+        state_before = strategy_state(self.strategy)  # FedAdam/FedYogi moments, restored on a rejection
         new_arrays, ok = self._train_round(grid, rnd, arrays, clock)
+        t = time.time()
+        heldout: dict[str, dict[str, float]] = {}
         if ok and new_arrays is not None:
-            arrays = new_arrays
+            heldout, problem = self._heldout(rnd, new_arrays)
+            kept: dict[str, dict[str, float]] | None = None
+            if problem is not None:
+                kept, kept_problem = self._heldout(rnd, arrays)
+                if kept_problem is not None and not heldout:
+                    # the evaluation fails for the previous model too: the cohort, not the update, is broken
+                    self.audit.failure(rnd, "heldout", problem)
+                    problem, kept = None, None
+            if problem is None:
+                arrays = new_arrays
+            else:
+                ok = False
+                restore_strategy_state(self.strategy, state_before)
+                self.audit.failure(rnd, "aggregate", f"the aggregated model was rejected ({problem}); the previous "
+                                   "global model is kept and nothing of this round is checkpointed as new")
+                heldout = kept or {}
+        elif self.evaluate_fn is not None:
+            heldout = self._heldout_audited(rnd, arrays)
+        self._record_heldout(rnd, heldout)
+        clock.timed("held-out evaluation", t)
         site_eval: dict[str, float] = {}
         if self.fed.evaluate_sites and (not self.with_train or rnd == self.fed.rounds):
             t = time.time()
             site_eval = self._evaluate_round(grid, rnd, arrays)
             clock.timed("site evaluate message", t)
-        t = time.time()
-        heldout = self._server_evaluate(rnd, arrays) if self.evaluate_fn is not None else {}
-        clock.timed("held-out evaluation", t)
         aggregate: dict[str, float] = {}
         if self.epsilon_fn is not None:
             aggregate["dp-epsilon"] = float(self.epsilon_fn(rnd))
@@ -282,44 +323,6 @@ class RoundLoop:
         values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
         return sum(values) / len(values) if values else None
 
-    def _collect(self, grid: Any, rnd: int, phase: str, messages: list[Message],
-                 replies: list[Message], clock: RoundClock | None = None) -> list[Message]:
-        """Audit every reply; return the valid ones. Missing replies are failures. ``clock`` (train
-        phase) receives each site's arrival time and timeline stamps."""
-        valid = []
-        arrived = getattr(grid, "received_at", {})
-        answered = {r.metadata.reply_to_message_id for r in replies}
-        # an error reply for a site that died comes from the SuperLink itself (its own node id), so
-        # the site is found through the message it answers
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                node = sent_to.get(reply.metadata.reply_to_message_id, node)
-                self.audit.failure(rnd, phase, reply.error.reason or f"error code {reply.error.code}",
-                                   site=self._site_of(grid, node), node_id=node)
-                continue
-            site = reply_site(reply)
-            self.node_sites[node] = site
-            metrics = reply_metrics(reply)
-            self.audit.reply(rnd, phase, site, reply.metadata.src_node_id, payload_bytes(reply.content), metrics)
-            if phase == "train":  # evaluate rows are written by _site_evaluation
-                self.history.add(rnd, phase, site, {k: v for k, v in metrics.items()
-                                                    if not is_stamp(k) and not k.startswith("global-")})
-            if clock is not None:
-                clock.received[site] = arrived.get(reply.metadata.reply_to_message_id, time.time())
-                clock.stamps[site] = {k: v for k, v in metrics.items() if is_stamp(k)}
-            valid.append(reply)
-        for msg in messages:
-            if msg.metadata.message_id and msg.metadata.message_id not in answered:
-                self.audit.failure(rnd, phase, f"no reply within federation.round_timeout_s="
-                                   f"{self.fed.round_timeout_s:.0f} s (site stopped or too slow)",
-                                   site=self._site_of(grid, msg.metadata.dst_node_id),
-                                   node_id=msg.metadata.dst_node_id)
-        # in site order, not arrival order: float sums depend on their order, so a FedAvg over replies
-        # in arrival order differed in the last bits from run to run and drifted apart over rounds
-        return sorted(valid, key=lambda r: (reply_site(r), int(r.metadata.src_node_id)))
-
     def _send(self, grid: Any, messages: list[Message], clock: RoundClock | None = None) -> list[Message]:
         if clock is not None:
             clock.sent = time.time()
@@ -362,7 +365,10 @@ class RoundLoop:
         self.audit.round_started(rnd, sites=[m.metadata.dst_node_id for m in messages],
                                  global_model_bytes=arrays.count_bytes())
         replies = self._send(grid, messages, clock)
-        valid = self._collect(grid, rnd, "train", messages, replies, clock)
+        layout = layout_of(arrays)
+        contract = ReplyContract("train", rnd, self.round_token, layout, self.fed.max_site_examples)
+        valid = self.intake.collect(grid, rnd, "train", messages, replies, contract, clock=clock,
+                                    global_arrays=arrays)
         if self.with_train:
             self._evaluation_in_train(rnd, valid, arrays)
         t_aggregate = time.time()
@@ -377,6 +383,12 @@ class RoundLoop:
             return None, False
         if new_arrays is None:
             self.audit.failure(rnd, "aggregate", "aggregation returned no model")
+            return None, False
+        new_arrays = cast_like(new_arrays, layout)
+        problem = model_problem(new_arrays, layout)
+        if problem is not None:
+            self.audit.failure(rnd, "aggregate", f"the aggregated model was rejected ({problem}); the previous "
+                               "global model is kept")
             return None, False
         if agg is not None:
             self.history.add(rnd, "train-aggregate", "federation",
@@ -404,21 +416,36 @@ class RoundLoop:
         if not messages:
             return {}
         replies = self._send(grid, messages)
-        valid = self._collect(grid, rnd, "evaluate", messages, replies)
+        contract = ReplyContract("evaluate", rnd, self.round_token, None, self.fed.max_site_examples)
+        valid = self.intake.collect(grid, rnd, "evaluate", messages, replies, contract)
         per_site = {reply_site(r): {k: v for k, v in reply_metrics(r).items() if not is_stamp(k)} for r in valid}
         return self._site_evaluation(rnd, per_site, via="evaluate message")
 
-    def _server_evaluate(self, rnd: int, arrays: ArrayRecord) -> dict[str, dict[str, float]]:
-        assert self.evaluate_fn is not None
+    def _heldout(self, rnd: int, arrays: ArrayRecord) -> tuple[dict[str, dict[str, float]], str | None]:
+        """Held-out metrics of ``arrays`` (not recorded yet) and why the model fails them, or None.
+        A model fails when the evaluation raises or its held-out loss is not finite."""
+        if self.evaluate_fn is None:
+            return {}, None
         try:
             results = self.evaluate_fn(rnd, arrays) or {}
         except Exception as exc:  # noqa: BLE001 - evaluation must not end the run
-            self.audit.failure(rnd, "heldout", f"{type(exc).__name__}: {exc}")
             logger.exception("Server-side evaluation failed")
-            return {}
+            return {}, f"held-out evaluation failed: {type(exc).__name__}: {exc}"
+        for cohort, metrics in results.items():
+            loss = metrics.get("loss")
+            if loss is not None and not math.isfinite(float(loss)):
+                return results, f"held-out loss on {cohort} is {loss}"
+        return results, None
+
+    def _heldout_audited(self, rnd: int, arrays: ArrayRecord) -> dict[str, dict[str, float]]:
+        results, problem = self._heldout(rnd, arrays)
+        if problem is not None:
+            self.audit.failure(rnd, "heldout", problem)
+        return results
+
+    def _record_heldout(self, rnd: int, results: dict[str, dict[str, float]]) -> None:
         for cohort, metrics in results.items():
             self.history.add(rnd, "heldout", cohort, metrics)
             self.audit.write("heldout_evaluation", round=rnd, cohort=cohort, metrics=metrics)
             logger.info("Round %d held-out %s: %s", rnd, cohort,
                         ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
-        return results

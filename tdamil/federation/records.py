@@ -9,7 +9,14 @@ Instruction (server -> site), one ``RecordDict``:
 Reply (site -> server), one ``RecordDict``:
   train:    ``"arrays"`` (the locally trained state dict) + ``"metrics"`` (MetricRecord);
   evaluate: ``"metrics"`` only;
-  both carry ``"site"``: a ConfigRecord with the site's name (for per-site logs). Nothing else.
+  both carry ``"site"``: a ConfigRecord with the site's name, the round it answers
+  (``server-round``) and the instruction's ``round-token`` echoed back. Nothing else.
+
+Every reply is checked against :class:`ReplyContract` before it is used (:func:`reply_problem`):
+the coordinator drops a reply that breaks it, with an audit line naming the site and what was
+wrong, and aggregates the others; a site checks its own reply the same way before sending, so it
+sends an error reply instead of NaN weights or a reply that cannot be encoded. The site name the
+coordinator records is the one its key was registered under, never the name a reply claims.
 
 One message per site per round: with ``evaluate-global`` true in the train config the site first
 evaluates the INCOMING global model (the previous round's result) on its validation split, then
@@ -30,9 +37,11 @@ ends the run when sites report different keys.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Iterable
 
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from tdamil.federation.timeline import SITE_STAMPS
 
@@ -156,5 +165,117 @@ def nan_weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecor
     return MetricRecord(out)
 
 
-def site_record(name: str) -> ConfigRecord:
-    return ConfigRecord({"name": name})
+def site_record(name: str, server_round: int = 0, round_token: str = "") -> ConfigRecord:
+    """The reply's ``site`` record: the name the site runs as, the round it answers and the
+    instruction's round token (a replayed reply of an earlier round carries another token)."""
+    return ConfigRecord({"name": name, "server-round": int(server_round), "round-token": str(round_token)})
+
+
+ROUND_TOKEN = "round-token"  # instruction config: a fresh random token per round, echoed by replies
+# Metrics that are fractions (NaN where undefined); anything else must be finite-or-NaN and below
+# MAX_METRIC in magnitude. A site's slide count lies in (0, max_examples] (train) or [0, ...] (evaluate).
+_FRACTIONS = ("auroc", "balanced_accuracy", "f1", "accuracy")
+MAX_METRIC = 1e12
+
+
+@dataclass(frozen=True)
+class ReplyContract:
+    """What a reply to one instruction must look like.
+
+    phase:         ``train`` (arrays + metrics) or ``evaluate`` (metrics only).
+    server_round:  the round the instruction belongs to.
+    round_token:   the instruction's token (empty: not checked, e.g. an older coordinator).
+    arrays:        train: the global model's ``{name: (shape, dtype)}``; the reply must hold exactly
+                   these arrays (names, shapes, dtypes), all finite.
+    max_examples:  upper bound of a train reply's ``num-examples`` (the coordinator's
+                   ``federation.max_site_examples``).
+    """
+
+    phase: str
+    server_round: int
+    round_token: str = ""
+    arrays: dict[str, tuple[tuple[int, ...], str]] | None = None
+    max_examples: int = 1_000_000
+
+    @classmethod
+    def for_model(cls, phase: str, server_round: int, round_token: str, arrays: ArrayRecord | None,
+                  max_examples: int = 1_000_000) -> "ReplyContract":
+        layout = None if arrays is None else {k: (tuple(int(d) for d in a.shape), str(a.dtype))
+                                              for k, a in arrays.items()}
+        return cls(phase, int(server_round), str(round_token or ""), layout, int(max_examples))
+
+    @classmethod
+    def of_instruction(cls, msg: Message) -> "ReplyContract":
+        """The contract a site's reply to ``msg`` must meet (the site's own pre-send check)."""
+        cfg = msg.content.config_records.get(CONFIG, ConfigRecord())
+        phase = "train" if msg.metadata.message_type.startswith("train") else "evaluate"
+        arrays = msg.content.array_records.get(ARRAYS) if phase == "train" else None
+        return cls.for_model(phase, int(cfg.get("server-round", 0)), str(cfg.get(ROUND_TOKEN, "")), arrays)
+
+
+def reply_problem(msg: Message, contract: ReplyContract) -> str | None:
+    """Why a (non-error) reply breaks ``contract``, in one sentence, or None when it is sound."""
+    content = msg.content
+    expected = {METRICS, SITE} | ({ARRAYS} if contract.phase == "train" else set())
+    found = set(content.array_records) | set(content.metric_records) | set(content.config_records)
+    if found != expected:
+        return f"records {sorted(found)}, expected {sorted(expected)}"
+    problem = _site_problem(content.config_records[SITE], contract)
+    if problem is None:
+        problem = _metrics_problem(content.metric_records[METRICS], contract)
+    if problem is None and contract.phase == "train":
+        problem = _arrays_problem(content.array_records[ARRAYS], contract)
+    return problem
+
+
+def _site_problem(site: ConfigRecord, contract: ReplyContract) -> str | None:
+    if not isinstance(site.get("name"), str) or not site.get("name"):
+        return "no site name"
+    rnd = site.get("server-round")
+    if rnd is not None and (not isinstance(rnd, int) or isinstance(rnd, bool) or rnd != contract.server_round):
+        return f"answers round {rnd}, this is round {contract.server_round} (stale or replayed reply)"
+    if contract.round_token and site.get(ROUND_TOKEN) != contract.round_token:
+        return ("does not carry this round's token (a replayed earlier reply, or a site running an older "
+                "tdamil-fl: upgrade it)")
+    return None
+
+
+def _metrics_problem(record: MetricRecord, contract: ReplyContract) -> str | None:
+    keys = train_metric_keys() if contract.phase == "train" else eval_metric_keys()
+    extra, missing = sorted(set(record) - set(keys)), sorted(set(keys) - set(record))
+    if extra or missing:
+        return f"metric keys differ from the contract (unexpected {extra[:5]}, missing {missing[:5]})"
+    for key, value in record.items():
+        if isinstance(value, list) or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"metric {key!r} is not a number"
+        v = float(value)
+        if key == WEIGHT_KEY:
+            low = 1 if contract.phase == "train" else 0
+            if not (float(v).is_integer() and low <= v <= contract.max_examples):
+                return (f"num-examples {value!r} is not an integer in [{low}, {contract.max_examples}] "
+                        "(federation.max_site_examples)")
+        elif math.isnan(v):
+            continue
+        elif not math.isfinite(v) or abs(v) > MAX_METRIC:
+            return f"metric {key!r} = {value!r} is out of range"
+        elif key.split("-", 1)[-1] in _FRACTIONS and not 0.0 <= v <= 1.0:
+            return f"metric {key!r} = {value!r} is not a fraction in [0, 1]"
+    return None
+
+
+def _arrays_problem(record: ArrayRecord, contract: ReplyContract) -> str | None:
+    layout = contract.arrays or {}
+    names = list(record.keys())
+    extra, missing = sorted(set(names) - set(layout)), sorted(set(layout) - set(names))
+    if extra or missing:
+        return f"arrays of another model (unexpected {extra[:3]}, missing {missing[:3]})"
+    for name in names:
+        array = record[name]
+        shape, dtype = tuple(int(d) for d in array.shape), str(array.dtype)
+        if (shape, dtype) != layout[name]:
+            return f"array {name!r} is {dtype}{list(shape)}, the global model's is {layout[name][1]}{list(layout[name][0])}"
+        values = array.numpy()
+        if values.dtype.kind in "fc" and not np.isfinite(values).all():
+            bad = int(values.size - np.isfinite(values).sum())
+            return f"array {name!r} holds {bad} non-finite value(s) (NaN/Inf)"
+    return None

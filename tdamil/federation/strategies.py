@@ -1,8 +1,11 @@
 """Build the server strategy (Flower 1.42 Message API) from a :class:`FederationConfig`.
 
-All strategies average the FULL state dict (TDA-MIL's task token T and channel matrix C included),
-weighted by each site's number of training slides (``num-examples``), and average metrics with
-:func:`~tdamil.federation.records.nan_weighted_mean` (a site's NaN does not poison the mean).
+All strategies aggregate the FULL state dict (TDA-MIL's task token T and channel matrix C
+included). FedAvg / FedProx / FedAdam / FedYogi weight each site by its number of training slides
+(``num-examples``); the robust rules (FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan, from
+``flwr.serverapp.strategy``) count every site the same (what each needs: FederationConfig's
+docstring). Metrics are averaged with :func:`~tdamil.federation.records.nan_weighted_mean` (a
+site's NaN does not poison the mean).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ __all__ = ["build_strategy", "strategy_state", "restore_strategy_state"]
 
 
 def build_strategy(cfg: FederationConfig) -> flwr_strategy.Strategy:
-    """FedAvg / FedProx / FedAdam / FedYogi with the project's keys and sampling."""
+    """The configured strategy with the project's record keys, sampling and metric averaging."""
     common: dict[str, Any] = dict(
         fraction_train=cfg.fraction_sites,
         fraction_evaluate=cfg.fraction_sites if cfg.evaluate_sites else 0.0,
@@ -43,6 +46,17 @@ def build_strategy(cfg: FederationConfig) -> flwr_strategy.Strategy:
         return flwr_strategy.FedAdam(**common, **opt)
     if cfg.strategy == "fedyogi":
         return flwr_strategy.FedYogi(**common, **opt)
+    if cfg.strategy == "fedmedian":
+        return flwr_strategy.FedMedian(**common)
+    if cfg.strategy == "fedtrimmedavg":
+        return flwr_strategy.FedTrimmedAvg(**common, beta=cfg.trim_beta)
+    if cfg.strategy == "krum":
+        return flwr_strategy.Krum(**common, num_malicious_nodes=cfg.faulty_sites)
+    if cfg.strategy == "multikrum":
+        select = cfg.krum_select or max(1, cfg.required_replies - cfg.faulty_sites)
+        return flwr_strategy.MultiKrum(**common, num_malicious_nodes=cfg.faulty_sites, num_nodes_to_select=select)
+    if cfg.strategy == "bulyan":
+        return flwr_strategy.Bulyan(**common, num_malicious_nodes=cfg.faulty_sites)
     raise ValueError(f"unknown strategy {cfg.strategy!r}")
 
 
