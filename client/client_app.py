@@ -21,7 +21,8 @@ import time
 
 _IMPORT_START = time.time()  # the timeline's "app imports" segment starts here
 
-import logging  # noqa: E402 - after the stamp on purpose
+import json  # noqa: E402 - after the stamp on purpose
+import logging  # noqa: E402
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +34,13 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from tdamil.federation.records import (  # noqa: E402
     ARRAYS,
     CONFIG,
+    FEATURE_CONTRACT,
     METRICS,
+    REQUIRED_VERSIONS,
     ROUND_TOKEN,
     SITE,
+    SITE_FEATURES,
+    SITE_VERSIONS,
     WEIGHT_KEY,
     ReplyContract,
     eval_metric_keys,
@@ -68,6 +73,8 @@ class SiteRuntime:
     data: SiteData
     train_cfg: Any = None  # tdamil.train.engine.TrainConfig
     train_mods: list = field(default_factory=list)  # e.g. DP clipping mods
+    accept_unlabelled_features: bool = False  # the site config's override for CLAM/TRIDENT files
+    handshakes: dict = field(default_factory=dict)  # (contract, versions) -> site record fields, once per run
 
 
 SiteProvider = Callable[[Context], SiteRuntime]
@@ -104,9 +111,38 @@ def _start_stamps() -> dict[str, float]:
             "time-imported": max(_IMPORTED, started), "time-handler-start": time.time()}
 
 
+def handshake(msg: Message, rt: SiteRuntime) -> dict[str, str]:
+    """Check the run's required versions and feature contract before anything else (once per run and
+    contract: the result is cached); raise one line naming what does not fit, so the site is refused
+    before it trains. Returns the ``site`` record's ``versions`` and ``features`` (JSON text)."""
+    cfg = msg.content[CONFIG] if CONFIG in msg.content.config_records else {}
+    key = (str(cfg.get(FEATURE_CONTRACT, "")), str(cfg.get(REQUIRED_VERSIONS, "")))
+    if key not in rt.handshakes:
+        from tdamil.data.contract import FeatureContract, check_features, feature_paths  # noqa: PLC0415
+        from tdamil.federation.versions import check_versions, site_versions  # noqa: PLC0415
+
+        train = rt.train_cfg
+        versions = site_versions(device=getattr(train, "device", "auto"),
+                                 mixed_precision=bool(getattr(train, "mixed_precision", True)))
+        problem = check_versions(versions, json.loads(key[1]), site=rt.name) if key[1] else None
+        if problem is not None:
+            raise ValueError(f"{problem}; refused before training")
+        features = "{}"  # never an empty string: Flower cannot size one
+        if key[0]:
+            report = check_features(feature_paths([rt.data.train, rt.data.val, rt.data.test]),
+                                    FeatureContract.from_json(key[0], source="the run's feature contract"),
+                                    site=rt.name, allow_unlabelled_attrs=rt.accept_unlabelled_features)
+            features = report.observed.to_json()
+        rt.handshakes[key] = {SITE_VERSIONS: json.dumps(versions, sort_keys=True), SITE_FEATURES: features}
+    return rt.handshakes[key]
+
+
 def _site_record(msg: Message, rt: SiteRuntime) -> Any:
     cfg = msg.content[CONFIG] if CONFIG in msg.content.config_records else {}
-    return site_record(rt.name, int(cfg.get("server-round", 0)), str(cfg.get(ROUND_TOKEN, "")))
+    record = site_record(rt.name, int(cfg.get("server-round", 0)), str(cfg.get(ROUND_TOKEN, "")))
+    for key, value in handshake(msg, rt).items():
+        record[key] = value
+    return record
 
 
 def checked_reply(msg: Message, content: RecordDict, rt: SiteRuntime) -> Message:
@@ -134,6 +170,7 @@ def make_client_app(provider: SiteProvider) -> ClientApp:
 
     def _train(msg: Message, context: Context, rt: SiteRuntime, stamps: dict[str, float]) -> Message:
         cfg = msg.content[CONFIG]
+        handshake(msg, rt)  # refused before the model is even built
         model = _model(msg, rt, stamps)
         glob: dict[str, float] = {}
         if bool(cfg.get("evaluate-global", False)):
@@ -168,6 +205,7 @@ def make_client_app(provider: SiteProvider) -> ClientApp:
         stamps = _start_stamps()
         rt = provider(context)
         stamps["time-data-opened"] = time.time()
+        handshake(msg, rt)
         model = _model(msg, rt, stamps)
         val = local_evaluate(model, rt.data.val)
         stamps["time-global-evaluated"] = stamps["time-reply-built"] = time.time()
@@ -211,7 +249,8 @@ class SiteConfigLoader:
 
             mods = list(dp_client_mods(cfg.privacy))
         return SiteRuntime(name=cfg.site, data=SiteData(cfg.site, parts["train"], parts["val"], parts["test"]),
-                           train_cfg=cfg.train, train_mods=mods)
+                           train_cfg=cfg.train, train_mods=mods,
+                           accept_unlabelled_features=bool(cfg.accept_unlabelled_features))
 
 
 # The ClientApp a SuperNode loads (``tdamil.client.client_app:app`` in [tool.flwr.app.components]).

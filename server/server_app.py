@@ -32,6 +32,7 @@ from tdamil.federation.run_report import write_run_report
 from tdamil.federation.strategies import build_strategy
 from tdamil.federation.records import metric_keys
 from tdamil.federation.task import ModelSpec, build_model, load_arrays, model_to_arrays
+from tdamil.federation.versions import required_versions
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class RunSetup:
     plot: bool = True
     session: Optional[str] = None  # coordinator session id, written on every audit line
     site_nodes: Optional[dict[int, str]] = None  # authenticated node id -> site (key registration)
+    feature_contract: Any = None  # tdamil.data.contract.FeatureContract: what every site's features must be
+    required_versions: Optional[dict[str, str]] = None  # package -> specifier (default: required_versions())
     result: Optional[RunResult] = None  # filled in after the run
 
 
@@ -96,7 +99,9 @@ def run_federated(grid: Grid, setup: RunSetup) -> RunResult:
     loop = RoundLoop(strategy, fed, setup.spec.to_json(), setup.out_dir, ckpt=setup.checkpoint,
                      evaluate_fn=evaluate_fn, epsilon_fn=epsilon_fn, plot=setup.plot, session=setup.session,
                      on_round=lambda _rnd: write_run_report(setup.out_dir),  # report.html, every round
-                     site_nodes=setup.site_nodes)
+                     site_nodes=setup.site_nodes, feature_contract=setup.feature_contract,
+                     required_versions=setup.required_versions if setup.required_versions is not None
+                     else required_versions())
     initial = model_to_arrays(build_model(setup.spec, seed=fed.seed))
     patient = PatientGrid(grid, min_nodes=fed.min_sites, wait_timeout=fed.wait_for_sites_s,
                           poll_interval=fed.reply_poll_s)
@@ -178,7 +183,8 @@ def setup_from_run_config(context: Context) -> RunSetup:
     nodes_file = str(context.run_config.get("site-nodes") or "")
     if nodes_file:
         site_nodes = {int(k): str(v) for k, v in json.loads(Path(nodes_file).read_text(encoding="utf-8")).items()}
-    return RunSetup(site_nodes=site_nodes, spec=ModelSpec(cfg.model, cfg.in_dim, cfg.num_classes), federation=cfg.federation,
+    return RunSetup(site_nodes=site_nodes, feature_contract=cfg.contract,
+                    required_versions=required_versions(cfg.versions), spec=ModelSpec(cfg.model, cfg.in_dim, cfg.num_classes), federation=cfg.federation,
                     out_dir=out_dir, checkpoint=cfg.checkpoint, heldout=heldout, privacy=cfg.privacy,
                     resume=bool(context.run_config.get("resume", False)),
                     session=str(context.run_config.get("session-id") or "") or None)

@@ -10,6 +10,10 @@ was wrong, when
   deployment without key registration believes the claimed names but refuses two nodes claiming
   one);
 * it breaks the message contract (:func:`~tdamil.federation.records.reply_problem`);
+* the site runs software the run does not accept, or its features break the run's feature contract
+  (the versions and contract its reply reports; the site checks both itself before it trains,
+  this catches a site that skipped the check). Each site's versions and feature contract are
+  audited once per run (``site_handshake``);
 * (train, given the global model) its update is screened out (:mod:`tdamil.federation.screening`).
 
 Only accepted replies reach the audit's ``reply`` lines, the per-site metrics history and the
@@ -18,6 +22,7 @@ round's timeline.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -26,7 +31,18 @@ from flwr.app import ArrayRecord, Message
 from tdamil.federation.audit import AuditLog
 from tdamil.federation.config import FederationConfig
 from tdamil.federation.history import MetricsHistory
-from tdamil.federation.records import ReplyContract, is_stamp, payload_bytes, reply_metrics, reply_problem, reply_site
+from tdamil.federation.records import (
+    SITE,
+    SITE_FEATURES,
+    SITE_VERSIONS,
+    ReplyContract,
+    error_text,
+    is_stamp,
+    payload_bytes,
+    reply_metrics,
+    reply_problem,
+    reply_site,
+)
 from tdamil.federation.screening import screen_updates
 from tdamil.federation.timeline import RoundClock
 
@@ -37,7 +53,11 @@ class ReplyIntake:
     """Checks, audits and records one run's replies (see the module docstring)."""
 
     def __init__(self, audit: AuditLog, history: MetricsHistory, fed: FederationConfig,
-                 site_nodes: dict[int, str] | None = None) -> None:
+                 site_nodes: dict[int, str] | None = None, *, required_versions: dict[str, str] | None = None,
+                 feature_contract: Any = None) -> None:
+        self.required_versions = dict(required_versions or {})
+        self.feature_contract = feature_contract  # tdamil.data.contract.FeatureContract or None
+        self.handshakes: set[str] = set()  # sites whose versions and contract are audited in this run
         self.audit = audit
         self.history = history
         self.fed = fed
@@ -80,11 +100,10 @@ class ReplyIntake:
         for reply in replies:
             if reply.has_error():
                 node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-                self.audit.failure(rnd, phase, reply.error.reason or f"error code {reply.error.code}",
-                                   site=self.site_of(grid, node), node_id=node)
+                self.audit.failure(rnd, phase, error_text(reply), site=self.site_of(grid, node), node_id=node)
                 continue
             problem = (self._identity_problem(grid, int(reply.metadata.src_node_id), reply_site(reply))
-                       or reply_problem(reply, contract))
+                       or reply_problem(reply, contract) or self._handshake_problem(reply))
             if problem is not None:
                 self._refuse(grid, rnd, phase, reply, f"reply refused: {problem}")
                 continue
@@ -108,6 +127,38 @@ class ReplyIntake:
                                    site=self.site_of(grid, msg.metadata.dst_node_id),
                                    node_id=msg.metadata.dst_node_id)
         return sound
+
+    def _handshake_problem(self, reply: Message) -> str | None:
+        """Why the site's reported software or features do not fit the run; audits them once."""
+        from tdamil.federation.versions import check_versions  # noqa: PLC0415
+
+        site, record = reply_site(reply), reply.content.config_records[SITE]
+        try:
+            versions = json.loads(str(record.get(SITE_VERSIONS, "") or "{}"))
+            features = str(record.get(SITE_FEATURES, "") or "")
+            features = "" if features == "{}" else features
+            if not isinstance(versions, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            return f"its versions record is not JSON ({exc})"
+        problem = check_versions(versions, self.required_versions, site=site) if self.required_versions else None
+        if problem is None and features and self.feature_contract is not None:
+            from tdamil.data.contract import ContractError, FeatureContract  # noqa: PLC0415
+
+            try:
+                found = FeatureContract.from_json(features, source=f"site {site}'s features")
+            except ContractError as exc:
+                return str(exc)
+            diff = self.feature_contract.differences(found)
+            if diff:
+                name, expected, got = diff[0]
+                problem = f"site {site}'s features record {name} {got!r}, the run's contract requires {expected!r}"
+        if site not in self.handshakes:
+            self.handshakes.add(site)
+            self.audit.write("site_handshake", site=site, node_id=int(reply.metadata.src_node_id), versions=versions,
+                             features=json.loads(features) if features else None, accepted=problem is None,
+                             problem=problem)
+        return problem
 
     def _record(self, rnd: int, phase: str, reply: Message, arrived: dict[str, float],
                 clock: RoundClock | None) -> None:

@@ -33,6 +33,7 @@ the round aggregates the others when ``min_replies`` still holds.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import secrets
@@ -52,7 +53,9 @@ from tdamil.federation.config import CheckpointConfig, FederationConfig
 from tdamil.federation.grids import SitesUnavailableError
 from tdamil.federation.history import MetricsHistory, plot_learning_curves
 from tdamil.federation.records import (
+    FEATURE_CONTRACT,
     METRICS,
+    REQUIRED_VERSIONS,
     ROUND_TOKEN,
     ReplyContract,
     global_evaluation,
@@ -99,7 +102,8 @@ class RoundLoop:
                  ckpt: CheckpointConfig | None = None, evaluate_fn: EvaluateFn | None = None,
                  epsilon_fn: Callable[[int], float] | None = None, plot: bool = True,
                  session: str | None = None, on_round: Callable[[int], None] | None = None,
-                 site_nodes: dict[int, str] | None = None) -> None:
+                 site_nodes: dict[int, str] | None = None, feature_contract: Any = None,
+                 required_versions: dict[str, str] | None = None) -> None:
         self.strategy = strategy
         self.on_round = on_round
         self._reporter: ThreadPoolExecutor | None = None
@@ -119,7 +123,12 @@ class RoundLoop:
                                      metric=self.ckpt_cfg.metric, mode=self.ckpt_cfg.mode)
         source = self.ckpt_cfg.source or ("heldout" if evaluate_fn is not None else "sites")
         self.best_source = source
-        self.intake = ReplyIntake(self.audit, self.history, fed, site_nodes)
+        self.intake = ReplyIntake(self.audit, self.history, fed, site_nodes, required_versions=required_versions,
+                                  feature_contract=feature_contract)
+        # sent with every instruction: the site checks both before it trains (once per run)
+        self.handshake = {FEATURE_CONTRACT: feature_contract.to_json() if feature_contract is not None else "",
+                          REQUIRED_VERSIONS: json.dumps(required_versions or {}, sort_keys=True)}
+        self.store.set_feature_contract(feature_contract)
         self.round_token = ""  # fresh per round: replies echo it (a replayed reply does not)
         self.with_train = bool(fed.evaluate_sites and fed.evaluate_with_train)
 
@@ -130,6 +139,7 @@ class RoundLoop:
     def train_config(self) -> ConfigRecord:
         return ConfigRecord({
             ROUND_TOKEN: self.round_token,
+            **self.handshake,
             "local-epochs": int(self.fed.local_epochs),
             "lr": float(self.fed.lr),
             "weight-decay": float(self.fed.weight_decay),
@@ -139,7 +149,7 @@ class RoundLoop:
         })
 
     def evaluate_config(self) -> ConfigRecord:
-        return ConfigRecord({"model-spec": self.model_spec, ROUND_TOKEN: self.round_token})
+        return ConfigRecord({"model-spec": self.model_spec, ROUND_TOKEN: self.round_token, **self.handshake})
 
     def run(self, grid: Any, initial_arrays: ArrayRecord, *, resume: bool = False) -> RunResult:
         arrays = initial_arrays

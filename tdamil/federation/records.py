@@ -130,7 +130,8 @@ def payload_bytes(content: RecordDict) -> int:
     for record in content.metric_records.values():
         total += record.count_bytes()
     for record in content.config_records.values():
-        total += record.count_bytes()
+        # Flower's count_bytes raises on an empty string: count those values by hand
+        total += sum(len(k) + (len(v) if isinstance(v, (str, bytes)) else 8) for k, v in record.items())
     return total
 
 
@@ -172,6 +173,13 @@ def site_record(name: str, server_round: int = 0, round_token: str = "") -> Conf
 
 
 ROUND_TOKEN = "round-token"  # instruction config: a fresh random token per round, echoed by replies
+# The once-per-run handshake (tdamil.data.contract, tdamil.federation.versions): the instruction
+# config carries the run's feature contract and required versions (JSON text); a site checks both
+# before it trains and answers with its versions and the contract its files record in ``site``.
+FEATURE_CONTRACT = "feature-contract"
+REQUIRED_VERSIONS = "required-versions"
+SITE_VERSIONS = "versions"
+SITE_FEATURES = "features"
 # Metrics that are fractions (NaN where undefined); anything else must be finite-or-NaN and below
 # MAX_METRIC in magnitude. A site's slide count lies in (0, max_examples] (train) or [0, ...] (evaluate).
 _FRACTIONS = ("auroc", "balanced_accuracy", "f1", "accuracy")
@@ -213,6 +221,15 @@ class ReplyContract:
         return cls.for_model(phase, int(cfg.get("server-round", 0)), str(cfg.get(ROUND_TOKEN, "")), arrays)
 
 
+def error_text(msg: Message) -> str:
+    """An error reply's reason on one line, without the ``<class '...'>:<'...'>`` wrapper Flower puts
+    around an exception raised in a ClientApp."""
+    import re  # noqa: PLC0415
+
+    text = " ".join(str(msg.error.reason or f"error code {msg.error.code}").split())
+    return re.sub(r"<class '[\w.]+'>:<(['\"])(.*?)\1>", r"\2", text)
+
+
 def reply_problem(msg: Message, contract: ReplyContract) -> str | None:
     """Why a (non-error) reply breaks ``contract``, in one sentence, or None when it is sound."""
     content = msg.content
@@ -231,6 +248,8 @@ def reply_problem(msg: Message, contract: ReplyContract) -> str | None:
 def _site_problem(site: ConfigRecord, contract: ReplyContract) -> str | None:
     if not isinstance(site.get("name"), str) or not site.get("name"):
         return "no site name"
+    if any(not isinstance(v, (str, int)) or isinstance(v, bool) or v == "" for v in site.values()):
+        return "its site record holds an empty or non-text value"
     rnd = site.get("server-round")
     if rnd is not None and (not isinstance(rnd, int) or isinstance(rnd, bool) or rnd != contract.server_round):
         return f"answers round {rnd}, this is round {contract.server_round} (stale or replayed reply)"
