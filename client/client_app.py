@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Message, RecordDict  # noqa: E402
+from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from tdamil.federation.records import (  # noqa: E402
@@ -74,7 +74,6 @@ class SiteRuntime:
     train_cfg: Any = None  # tdamil.train.engine.TrainConfig
     train_mods: list = field(default_factory=list)  # e.g. DP clipping mods
     accept_unlabelled_features: bool = False  # the site config's override for CLAM/TRIDENT files
-    handshakes: dict = field(default_factory=dict)  # (contract, versions) -> site record fields, once per run
 
 
 SiteProvider = Callable[[Context], SiteRuntime]
@@ -111,36 +110,47 @@ def _start_stamps() -> dict[str, float]:
             "time-imported": max(_IMPORTED, started), "time-handler-start": time.time()}
 
 
-def handshake(msg: Message, rt: SiteRuntime) -> dict[str, str]:
-    """Check the run's required versions and feature contract before anything else (once per run and
-    contract: the result is cached); raise one line naming what does not fit, so the site is refused
-    before it trains. Returns the ``site`` record's ``versions`` and ``features`` (JSON text)."""
+def handshake(msg: Message, context: Context, rt: SiteRuntime) -> dict[str, str]:
+    """Check the run's required versions and feature contract before anything else; raise one line
+    naming what does not fit, so the site is refused before it trains. Returns the ``site``
+    record's ``versions`` and ``features`` (JSON text). Once per run and contract: the result is
+    kept in the run's ``context.state``, which Flower hands to every message of the run (each
+    message's ClientApp is a fresh process, so a cache in memory would not survive)."""
+    import hashlib  # noqa: PLC0415
+
+    from tdamil.data.contract import FeatureContract, check_features, feature_paths  # noqa: PLC0415
+    from tdamil.federation.versions import check_versions, site_versions  # noqa: PLC0415
+
     cfg = msg.content[CONFIG] if CONFIG in msg.content.config_records else {}
     key = (str(cfg.get(FEATURE_CONTRACT, "")), str(cfg.get(REQUIRED_VERSIONS, "")))
-    if key not in rt.handshakes:
-        from tdamil.data.contract import FeatureContract, check_features, feature_paths  # noqa: PLC0415
-        from tdamil.federation.versions import check_versions, site_versions  # noqa: PLC0415
+    digest = hashlib.sha256("\0".join(key).encode()).hexdigest()
+    kept = context.state.config_records.get(_HANDSHAKE)
+    if kept is not None and kept.get("key") == digest:
+        return {SITE_VERSIONS: str(kept[SITE_VERSIONS]), SITE_FEATURES: str(kept[SITE_FEATURES])}
+    train = rt.train_cfg
+    versions = site_versions(device=getattr(train, "device", "auto"),
+                             mixed_precision=bool(getattr(train, "mixed_precision", True)))
+    problem = check_versions(versions, json.loads(key[1]), site=rt.name) if key[1] else None
+    if problem is not None:
+        raise ValueError(f"{problem}; refused before training")
+    features = "{}"  # never an empty string: Flower cannot size one
+    if key[0]:
+        report = check_features(feature_paths([rt.data.train, rt.data.val, rt.data.test]),
+                                FeatureContract.from_json(key[0], source="the run's feature contract"),
+                                site=rt.name, allow_unlabelled_attrs=rt.accept_unlabelled_features)
+        features = report.observed.to_json()
+    fields = {SITE_VERSIONS: json.dumps(versions, sort_keys=True), SITE_FEATURES: features}
+    context.state[_HANDSHAKE] = ConfigRecord({"key": digest, **fields})
+    return fields
 
-        train = rt.train_cfg
-        versions = site_versions(device=getattr(train, "device", "auto"),
-                                 mixed_precision=bool(getattr(train, "mixed_precision", True)))
-        problem = check_versions(versions, json.loads(key[1]), site=rt.name) if key[1] else None
-        if problem is not None:
-            raise ValueError(f"{problem}; refused before training")
-        features = "{}"  # never an empty string: Flower cannot size one
-        if key[0]:
-            report = check_features(feature_paths([rt.data.train, rt.data.val, rt.data.test]),
-                                    FeatureContract.from_json(key[0], source="the run's feature contract"),
-                                    site=rt.name, allow_unlabelled_attrs=rt.accept_unlabelled_features)
-            features = report.observed.to_json()
-        rt.handshakes[key] = {SITE_VERSIONS: json.dumps(versions, sort_keys=True), SITE_FEATURES: features}
-    return rt.handshakes[key]
+
+_HANDSHAKE = "tdamil-handshake"  # the context.state record holding this run's accepted handshake
 
 
-def _site_record(msg: Message, rt: SiteRuntime) -> Any:
+def _site_record(msg: Message, context: Context, rt: SiteRuntime) -> Any:
     cfg = msg.content[CONFIG] if CONFIG in msg.content.config_records else {}
     record = site_record(rt.name, int(cfg.get("server-round", 0)), str(cfg.get(ROUND_TOKEN, "")))
-    for key, value in handshake(msg, rt).items():
+    for key, value in handshake(msg, context, rt).items():
         record[key] = value
     return record
 
@@ -170,7 +180,7 @@ def make_client_app(provider: SiteProvider) -> ClientApp:
 
     def _train(msg: Message, context: Context, rt: SiteRuntime, stamps: dict[str, float]) -> Message:
         cfg = msg.content[CONFIG]
-        handshake(msg, rt)  # refused before the model is even built
+        handshake(msg, context, rt)  # refused before the model is even built
         model = _model(msg, rt, stamps)
         glob: dict[str, float] = {}
         if bool(cfg.get("evaluate-global", False)):
@@ -190,7 +200,7 @@ def make_client_app(provider: SiteProvider) -> ClientApp:
         values = {WEIGHT_KEY: len(rt.data.train), **stats, **{f"global-{k}": v for k, v in glob.items()},
                   **{f"val-{k}": v for k, v in val.items()}, **stamps}
         content = RecordDict({ARRAYS: arrays, METRICS: to_metric_record(values, train_metric_keys()),
-                              SITE: _site_record(msg, rt)})
+                              SITE: _site_record(msg, context, rt)})
         return checked_reply(msg, content, rt)
 
     @app.train()
@@ -205,12 +215,12 @@ def make_client_app(provider: SiteProvider) -> ClientApp:
         stamps = _start_stamps()
         rt = provider(context)
         stamps["time-data-opened"] = time.time()
-        handshake(msg, rt)
+        handshake(msg, context, rt)
         model = _model(msg, rt, stamps)
         val = local_evaluate(model, rt.data.val)
         stamps["time-global-evaluated"] = stamps["time-reply-built"] = time.time()
         values = {WEIGHT_KEY: len(rt.data.val) if rt.data.val is not None else 0, **val, **stamps}
-        content = RecordDict({METRICS: to_metric_record(values, eval_metric_keys()), SITE: _site_record(msg, rt)})
+        content = RecordDict({METRICS: to_metric_record(values, eval_metric_keys()), SITE: _site_record(msg, context, rt)})
         return checked_reply(msg, content, rt)
 
     return app

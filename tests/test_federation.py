@@ -126,7 +126,7 @@ def test_sites_send_only_model_arrays_metrics_and_their_name(tmp_path):
         content = reply.content
         kind = msg.metadata.message_type
         assert set(content.config_records) == {"site"}
-        assert set(content.config_records["site"]) == {"name", "server-round", "round-token", "versions", "features"}
+        assert set(content.config_records["site"]) == {"name", "server-round", "round-token", "versions", "extraction"}
         assert set(json.loads(content.config_records["site"]["versions"])) == {
             "tdamil-fl", "flwr", "torch", "python", "device", "precision"}
         assert content.config_records["site"]["round-token"] == msg.content["config"]["round-token"]

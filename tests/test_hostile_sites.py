@@ -210,10 +210,10 @@ def test_a_hostile_site_is_dropped_audited_by_name_and_the_others_go_on(behaviou
     assert {e["round"] for e in failures if e["phase"] == "train"} == set(hostile_rounds), failures
     assert all(e["site"] == HOSTILE for e in failures), failures
     assert all(("refused" in e["reason"]) for e in failures), failures
-    print(f"{behaviour}: {failures[0]['reason']}")
     # nobody else lost anything: the model is the honest run's (bit-identical where site_c never counted)
     honest_arrays, honest_auroc = honest
     auroc = _final_auroc(events)
+    print(f"FIGURE | {behaviour} | {auroc:.4f} | {honest_auroc:.4f} | {failures[0]['reason']}")
     assert abs(auroc - honest_auroc) <= 0.02, (auroc, honest_auroc)
     if from_round_1:
         for name, array in honest_arrays.items():

@@ -156,7 +156,7 @@ class ReplyIntake:
         if site not in self.handshakes:
             self.handshakes.add(site)
             self.audit.write("site_handshake", site=site, node_id=int(reply.metadata.src_node_id), versions=versions,
-                             features=json.loads(features) if features else None, accepted=problem is None,
+                             extraction=json.loads(features) if features else None, accepted=problem is None,
                              problem=problem)
         return problem
 

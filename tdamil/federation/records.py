@@ -179,7 +179,7 @@ ROUND_TOKEN = "round-token"  # instruction config: a fresh random token per roun
 FEATURE_CONTRACT = "feature-contract"
 REQUIRED_VERSIONS = "required-versions"
 SITE_VERSIONS = "versions"
-SITE_FEATURES = "features"
+SITE_FEATURES = "extraction"  # the contract its feature files record (metadata, never data)
 # Metrics that are fractions (NaN where undefined); anything else must be finite-or-NaN and below
 # MAX_METRIC in magnitude. A site's slide count lies in (0, max_examples] (train) or [0, ...] (evaluate).
 _FRACTIONS = ("auroc", "balanced_accuracy", "f1", "accuracy")
