@@ -3,6 +3,7 @@ bodies and header floods, with a legitimate Fleet call timed meanwhile.
 
     python benchmarks/bench_gateway_load.py                      # this tree's gateway and the one of --before
     python benchmarks/bench_gateway_load.py --before e9dd7eb --slow 1000 --out benchmarks/results/gateway_load.json
+    python benchmarks/bench_gateway_load.py --federation --rounds 3   # a real coordinator and site, under attack
 
 Each gateway runs as its own process (``python <file> --listen ... --upstream ...``) in front of a
 stand-in upstream (:class:`Sink`: reads each body in 64 KiB pieces and drops it, answers 200
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
@@ -75,10 +77,13 @@ class Sink:
         self.server.server_close()
 
 
-def rss_mib(pid: int) -> float:
-    """VmRSS of ``pid`` in MiB (Linux /proc)."""
-    match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
-    return int(match.group(1)) / 1024 if match else 0.0
+def rss_mib(pid: int) -> Optional[float]:
+    """VmRSS of ``pid`` in MiB (Linux /proc); None once the process has ended."""
+    try:
+        match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    except OSError:
+        return None
+    return int(match.group(1)) / 1024 if match else None
 
 
 class RssSampler(threading.Thread):
@@ -89,11 +94,8 @@ class RssSampler(threading.Thread):
         self.pid, self.peak, self.stop = pid, 0.0, threading.Event()
 
     def run(self) -> None:
-        while not self.stop.wait(0.05):
-            try:
-                self.peak = max(self.peak, rss_mib(self.pid))
-            except OSError:
-                return
+        while not self.stop.wait(0.05) and (rss := rss_mib(self.pid)) is not None:
+            self.peak = max(self.peak, rss)
 
 
 def post(port: int, path: str = "/v1/fleet/get-run", headers: bytes = b"", body: bytes = b"\x08\x01",
@@ -138,10 +140,10 @@ async def _slow_one(port: int, kind: str, source: str, drip: float, give_up: flo
             while chunk := await reader.read(65536):
                 data += chunk
         out["held_s"] = time.monotonic() - start
+    except TimeoutError:  # before OSError: TimeoutError is one
+        out["held_s"] = None  # still open when we gave up
     except OSError:  # reset by the gateway
         out["held_s"] = time.monotonic() - start
-    except TimeoutError:
-        out["held_s"] = None  # still open when we gave up
     dripper.cancel()
     writer.close()
     statuses = re.findall(rb"HTTP/1\.[01] (\d{3})", data)
@@ -219,11 +221,15 @@ def attack(port: int, pid: int, slow: int = 200, per_address: int = 25, drip: fl
         "slow_answers": sorted({s for r in slow_out for s in r.get("statuses", [])}),
         "slow_closed_max_s": max(closed) if closed else None,
         "bodies": [{k: round(v, 2) if isinstance(v, float) else v for k, v in b.items()} for b in body_out],
-        "rss_before_mib": round(before, 1), "rss_peak_mib": round(sampler.peak, 1),
-        "rss_after_mib": round(rss_mib(pid), 1),
+        "rss_before_mib": _round(before), "rss_peak_mib": round(sampler.peak, 1), "rss_after_mib": _round(rss_mib(pid)),
         "legit_calls": len(legit), "legit_ok": sum(s == 200 and b == b"upstream-ok" for s, b, _ in legit),
+        "legit_statuses": sorted({s for s, _, _ in legit}),
         "legit_latency_s": _spread([t for s, _, t in legit]),
     }
+
+
+def _round(value: Optional[float]) -> Optional[float]:
+    return None if value is None else round(value, 1)
 
 
 def _spread(values: list) -> Optional[dict]:
@@ -239,15 +245,21 @@ def many_headers(port: int, n: int = 10_000) -> dict:
     return {"headers": n, "status": status, "seconds": round(seconds, 3)}
 
 
-def start_gateway(script: Path, upstream: int, log: Path, *flags: str) -> tuple[subprocess.Popen, int]:
+def start_gateway(script: Path, upstream: int, log: Path, *flags: str,
+                  nofile: Optional[tuple[int, int]] = None) -> tuple[subprocess.Popen, int]:
+    """``script`` (a gateway.py) on a free port of 127.0.0.1, under the open-file limit ``nofile`` (soft, hard)."""
+    import resource
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, PYTHONUNBUFFERED="1", FLWR_TELEMETRY_ENABLED="0")
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+
     with open(log, "wb") as fh:
         proc = subprocess.Popen([sys.executable, str(script), "--listen", f"127.0.0.1:{port}", "--upstream",
                                  f"http://127.0.0.1:{upstream}", *flags], stdout=fh, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
+                                env=env, start_new_session=True, preexec_fn=limit if nofile else None)
     deadline = time.monotonic() + 60
     while True:
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
@@ -256,6 +268,74 @@ def start_gateway(script: Path, upstream: int, log: Path, *flags: str) -> tuple[
             return proc, port
         except OSError:
             time.sleep(0.2)
+
+
+def _gateway_pid(root_pid: int) -> int:
+    """The fleet gateway process under ``flwr-server`` (Linux /proc)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+            stat = (cmdline.parent / "stat").read_text()
+        except OSError:
+            continue
+        if b"tdamil.server.gateway" in args and int(stat.rpartition(")")[2].split()[1]) == root_pid:
+            return int(cmdline.parent.name)
+    raise LookupError("no gateway process under flwr-server")
+
+
+def federation(args: argparse.Namespace, tmp: Path, under_attack: bool) -> dict:
+    """A real coordinator (``flwr-server``, plaintext) and one real site run ``--rounds`` rounds of the
+    demo task; with ``under_attack``, attack waves (as :func:`attack`) hit the public port until the run ends."""
+    sys.path.insert(0, str(REPO))
+    from tdamil.federation.demo import write_demo_federation
+    from tdamil.federation.processes import ManagedProcess, flower_env
+    from tdamil.net import free_port
+
+    root = tmp / ("attacked" if under_attack else "quiet")
+    fleet = free_port()
+    paths = write_demo_federation(
+        root, num_sites=1, train_bags=8, val_bags=4, test_bags=4, heldout_bags=10,
+        model={"name": "tdamil", "dim": 16, "depth": 1, "num_heads": 2},
+        federation={"rounds": args.rounds, "min_sites": 1, "min_replies": 1, "round_timeout_s": 300,
+                    "wait_for_sites_s": 300, "evaluate_sites": False},
+        superlink=f"127.0.0.1:{fleet}", internal_port=free_port(), runtime_ports=[free_port()], secure=False)
+    env, py, audit = flower_env(threads=1), sys.executable, root / "run" / "audit.jsonl"
+    server = ManagedProcess("flwr-server", [py, "-m", "tdamil.server.coordinator", "--config", str(paths["server"]),
+                                            "--insecure"], root / "logs" / "server.log", env=env)
+    procs, waves, start = [server], [], time.monotonic()
+    try:
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", fleet), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() - start < 300, server.tail(30)
+                time.sleep(0.5)
+        gateway = _gateway_pid(server.pid)
+        procs.append(ManagedProcess("site_a", [py, "-m", "tdamil.client.site", "--config", str(paths["site_a"]),
+                                               "--insecure", "--state-dir", str(root / "state")],
+                                    root / "logs" / "site_a.log", env=env))
+        while server.poll() is None and rss_mib(gateway) is not None and time.monotonic() - start < 900:
+            if under_attack:
+                waves.append(attack(fleet, gateway, slow=args.slow, per_address=args.per_address, drip=args.drip,
+                                    give_up=args.give_up, bodies=args.bodies, body_mib=args.body_mib,
+                                    body_rate=args.body_rate))
+            else:
+                time.sleep(1)
+        events = [json.loads(line) for line in audit.read_text().splitlines()] if audit.exists() else []
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+    stamp = {(e["event"], e.get("round")): datetime.fromisoformat(e["time"]) for e in events}
+    rounds = [e["round"] for e in events if e["event"] == "aggregated"]
+    log = next(root.rglob("gateway.log")).read_text().splitlines()
+    return {"exit_code": server.poll(), "seconds": round(time.monotonic() - start, 1),
+            "rounds_aggregated": rounds, "sites_per_round": [e["sites"] for e in events if e["event"] == "aggregated"],
+            "round_seconds": [round((stamp["aggregated", r] - stamp["round_started", r]).total_seconds(), 2)
+                              for r in rounds if ("round_started", r) in stamp],
+            "finished": any(e["event"] == "run_finished" for e in events),
+            "gateway_log_lines": len(log), "gateway_refusal_lines": sum(" Refused " in ln for ln in log),
+            "attack_waves": waves}
 
 
 def main() -> int:
@@ -268,6 +348,11 @@ def main() -> int:
     p.add_argument("--bodies", type=int, default=4)
     p.add_argument("--body-mib", type=int, default=63)
     p.add_argument("--body-rate", type=float, default=8.0, help="MiB/s per body")
+    p.add_argument("--nofile", default=None, help="SOFT:HARD open-file limit of the gateway processes (systemd's "
+                   "default is 1024:524288)")
+    p.add_argument("--federation", action="store_true",
+                   help="instead: a real coordinator and site run --rounds rounds, quiet and then under attack")
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = p.parse_args()
     import resource
@@ -275,6 +360,12 @@ def main() -> int:
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # thousands of client sockets
     tmp = Path(tempfile.mkdtemp(prefix="gateway_load_"))
+    if args.federation:
+        figures = {"quiet": federation(args, tmp, False), "attacked": federation(args, tmp, True)}
+        print(json.dumps(figures, indent=1), flush=True)
+        if args.out:
+            args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **figures}, indent=1))
+        return 0
     variants = {"after": REPO / "server" / "gateway.py"}
     if args.before:
         old = tmp / "gateway_before.py"
@@ -284,14 +375,16 @@ def main() -> int:
     figures = {}
     for name, script in variants.items():
         sink = Sink()
-        proc, port = start_gateway(script, sink.port, tmp / f"{name}.log")
+        nofile = tuple(int(x) for x in args.nofile.split(":")) if args.nofile else None
+        proc, port = start_gateway(script, sink.port, tmp / f"{name}.log", nofile=nofile)
         try:
             time.sleep(1.0)
             figures[name] = attack(port, proc.pid, slow=args.slow, per_address=args.per_address, drip=args.drip,
                                    give_up=args.give_up, bodies=args.bodies, body_mib=args.body_mib,
                                    body_rate=args.body_rate)
             figures[name]["many_headers"] = many_headers(port)
-            figures[name]["log_lines"] = len((tmp / f"{name}.log").read_text().splitlines())
+            log = (tmp / f"{name}.log").read_text().splitlines()
+            figures[name].update(log_lines=len(log), log_refusal_lines=sum(" Refused " in ln for ln in log))
         finally:
             proc.terminate()
             proc.wait(timeout=30)
