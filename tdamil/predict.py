@@ -308,11 +308,13 @@ def predict_site(
     slides = slides_to_predict(data_cfg, trained.num_classes, slide_ids=slide_ids,
                                slide_extensions=None if extraction is None else extraction.slide_extensions)
     summary = extract_missing(data_cfg, extraction, slides)
+    if summary is not None and not summary.ok:
+        summary.print()  # each slide that could not be extracted, with its reason and fix
     ready = [s for s in slides.ids if feature_path(data_cfg, s).is_file()]
     not_predicted = [s for s in slides.ids if s not in set(ready)]
     if not ready:
         raise PredictError(f"{data_cfg.features_dir}: no slide has features, so there is nothing to predict; "
-                           "see the extraction summary for each slide's reason and fix.")
+                           "the extraction summary above gives each slide's reason and fix.")
     slides = slides.only(ready)
     dataset = open_features(data_cfg, slides, trained)
     logger.info("Predicting %d slides with the model of %s; decision threshold %s (%s)", len(dataset), trained.origin,
@@ -433,8 +435,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, PredictError, ExtractionError, ValueError, OSError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-    if outcome.extraction is not None and not outcome.extraction.ok:
-        outcome.extraction.print()
     print(f"Predictions for {len(outcome.table)} slides of {site} in {out.resolve()}")
     if outcome.not_predicted:
         print(f"Not predicted (no features): {', '.join(outcome.not_predicted)}; see the reasons above.",

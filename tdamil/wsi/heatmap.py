@@ -134,14 +134,18 @@ def colour_scale(scores: np.ndarray, normalize: bool, label: str) -> tuple[np.nd
 def rank_within_slide(scores: np.ndarray) -> np.ndarray:
     """Scores -> their rank scaled to [0, 1]; ties share their mean rank (all equal -> all 0.5),
     NaN stays NaN. Rank order never invents differences that the scores do not have."""
-    from scipy.stats import rankdata
-
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     out = np.full(scores.shape, np.nan)
     finite = np.isfinite(scores)
     n = int(finite.sum())
-    if n:
-        out[finite] = 0.5 if n == 1 else (rankdata(scores[finite], method="average") - 1) / (n - 1)
+    if n == 1:
+        out[finite] = 0.5
+    elif n:
+        values = scores[finite]
+        ranks = np.empty(n)
+        ranks[np.argsort(values, kind="stable")] = np.arange(n)
+        _, tie = np.unique(values, return_inverse=True)  # equal scores -> the mean of their ranks
+        out[finite] = (np.bincount(tie, weights=ranks) / np.bincount(tie))[tie] / (n - 1)
     return out
 
 
