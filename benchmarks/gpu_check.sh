@@ -6,9 +6,26 @@
 #
 #   benchmarks/gpu_check.sh            # GPU (cuda when available)
 #   benchmarks/gpu_check.sh --tiny     # CPU-sized, for CI (also TDAMIL_GPU_CHECK_TINY=1)
+#   PYTHON=/path/to/env/bin/python benchmarks/gpu_check.sh   # tdamil-fl installed outside .venv
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+# The interpreter of the environment tdamil-fl is installed in: $PYTHON, else the README's .venv,
+# else the first python3 / python on PATH that imports tdamil.
+if [ -n "${PYTHON:-}" ]; then
+  PY="$PYTHON"
+elif [ -x .venv/bin/python ]; then
+  PY=.venv/bin/python
+else
+  PY=""
+  for candidate in python3 python; do
+    if command -v "$candidate" >/dev/null && "$candidate" -c "import tdamil" 2>/dev/null; then PY="$candidate"; break; fi
+  done
+  if [ -z "$PY" ]; then
+    echo "gpu_check.sh: no Python with tdamil-fl installed: no .venv here and python3 cannot import tdamil." \
+         "Run it as PYTHON=/path/to/your/env/bin/python benchmarks/gpu_check.sh" >&2
+    exit 2
+  fi
+fi
 export FLWR_TELEMETRY_ENABLED=0
 if [ "${1:-}" = "--tiny" ] || [ "${TDAMIL_GPU_CHECK_TINY:-0}" = "1" ]; then
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"

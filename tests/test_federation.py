@@ -232,6 +232,7 @@ def test_config_errors_name_the_key_and_the_fix(tmp_path):
         load_site_config(site, check_files=False)
 
 
+@pytest.mark.slow
 def test_coordinator_refuses_to_run_without_tls_unless_insecure(tmp_path):
     from tdamil.federation.demo import write_demo_federation
 
@@ -290,6 +291,7 @@ def test_output_folders_from_configs_are_clean_absolute_paths():
 _LOG_LINE = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.-]+: "
 
 
+@pytest.mark.slow
 def test_simulation_prints_each_flower_line_once_with_time_level_and_source(tmp_path):
     import re
 

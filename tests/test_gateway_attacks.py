@@ -436,6 +436,7 @@ def run_attacks(world: dict, port: int) -> dict[str, tuple[int, bytes]]:
             for a in ATTACKS}
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 @pytest.mark.parametrize("world", ["plaintext", "tls"], indirect=True)
 def test_attack_list_reaches_no_api_but_the_fleet_api(world):
@@ -529,6 +530,7 @@ def assert_a_site_joins(world: dict, site: str, port: int, proxy_log: Path) -> s
         return fh.read().decode(errors="replace")
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 @pytest.mark.parametrize("world", ["plaintext", "tls"], indirect=True)
 def test_a_real_site_still_joins_through_the_gateway(world):
@@ -540,6 +542,7 @@ def test_a_real_site_still_joins_through_the_gateway(world):
     assert " Refused " not in log, log
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads listening sockets from Linux /proc")
 @pytest.mark.parametrize("world", ["plaintext", "tls"], indirect=True)
@@ -580,6 +583,7 @@ def nginx(world, tmp_path):
         _stop(proc)
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 @pytest.mark.parametrize("world", ["tls"], indirect=True)
 def test_attack_list_through_nginx_reaches_no_api_but_the_fleet_api(world, nginx):

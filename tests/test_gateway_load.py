@@ -73,6 +73,7 @@ def _check_attack(figures: dict, header_timeout: float, body_timeout: float, slo
     assert figures["rss_after_mib"] < figures["rss_before_mib"] + 40, figures
 
 
+@pytest.mark.slow
 def test_slow_clients_are_closed_and_large_bodies_bounded_while_a_fleet_call_gets_through(sink, tmp_path):
     log = tmp_path / "gateway.log"
     with gateway_process(f"http://127.0.0.1:{sink.port}", log, "--header-timeout", "2",
@@ -106,6 +107,7 @@ def _tls_pki(tmp_path: Path) -> Path:
     return pki
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
 def test_too_many_or_too_large_headers_answer_431(sink, tmp_path, tls):
     flags, ca = ["--header-timeout", "2"], None

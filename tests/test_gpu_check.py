@@ -6,13 +6,18 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_every_step_at_tiny_size(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TDAMIL_GPU_CHECK_TINY": "1"}
+    # the interpreter running the tests, wherever the project is installed (not necessarily .venv)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TDAMIL_GPU_CHECK_TINY": "1", "PYTHON": sys.executable}
     done = subprocess.run([str(REPO / "benchmarks" / "gpu_check.sh"), "--out", str(tmp_path / "out"),
                            "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=470,
                           env=env, cwd=REPO)
@@ -29,3 +34,19 @@ def test_gpu_check_runs_every_step_at_tiny_size(tmp_path):
     assert ext["patches"] > 10 and 0 < ext["pipeline_over_encoder"] <= 1.5
     sim = read["simulate"]["result"]
     assert sim["rounds"] == 1 and len(sim["round_s"]) == 1 and sim["final_heldout"]["n"] > 0
+
+
+def test_gpu_check_without_an_environment_says_how_to_name_one(tmp_path):
+    """No PYTHON, no .venv and no python on PATH that imports tdamil: one line saying to set PYTHON."""
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    script = repo / "benchmarks" / "gpu_check.sh"
+    script.write_text((REPO / "benchmarks" / "gpu_check.sh").read_text())
+    script.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = "/usr/bin:/bin"  # a system python3 without tdamil-fl (or none at all)
+    probe = subprocess.run(["/usr/bin/env", "python3", "-c", "import tdamil"], capture_output=True, env=env, cwd=tmp_path)
+    if probe.returncode == 0:
+        pytest.skip("the system python3 has tdamil-fl installed")
+    done = subprocess.run([str(script), "--tiny"], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert done.returncode == 2 and "PYTHON=" in done.stderr and "Traceback" not in done.stderr

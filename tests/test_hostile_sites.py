@@ -222,6 +222,7 @@ def test_a_hostile_site_is_dropped_audited_by_name_and_the_others_go_on(behaviou
     assert {r["site"] for r in rows if r["phase"] == "train" and r["round"] in hostile_rounds} == {"site_a", "site_b"}
 
 
+@pytest.mark.slow
 def test_an_honest_federation_drops_nobody(tmp_path):
     """The screens are not trigger-happy: three honest sites, every reply aggregated every round."""
     setup, events = _run(tmp_path, ["site_a", "site_b", HOSTILE])

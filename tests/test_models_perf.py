@@ -28,6 +28,7 @@ def _point(bench, n: int, impl: str, **extra) -> dict:
     return row
 
 
+@pytest.mark.slow
 def test_sdpa_memory_is_far_below_explicit_softmax(bench):
     sdpa = _point(bench, 2000, "sdpa")
     explicit = _point(bench, 2000, "explicit")
@@ -37,6 +38,7 @@ def test_sdpa_memory_is_far_below_explicit_softmax(bench):
     assert sdpa["peak_mb"] < 0.25 * explicit["peak_mb"], (sdpa, explicit)
 
 
+@pytest.mark.slow
 def test_sdpa_memory_grows_linearly_with_bag_size(bench):
     small = _point(bench, 1500, "sdpa")
     large = _point(bench, 6000, "sdpa")

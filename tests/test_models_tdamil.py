@@ -356,6 +356,7 @@ def _selection_toy():
     return module
 
 
+@pytest.mark.slow
 def test_selection_objective_ties_high_scores_to_the_positive_class():
     """A few Adam steps on the selection objective alone: s_i rises on the evidence patch of each
     positive bag (its top-scored patch, above every patch of every negative bag) and negative bags end mostly at 0, so the relevance

@@ -233,6 +233,7 @@ def test_contrast_init_reads_at_most_task_init_bags_and_with_one_class_chooses_t
         assert float((model.eval()(first[None]).scores > 0).double().mean()) >= 0.5
 
 
+@pytest.mark.slow
 def test_training_engine_starts_a_contrast_model_before_its_first_step():
     from tdamil.data.bags import InMemoryBagDataset
     from tdamil.train.engine import TrainConfig, make_optimizer, train_one_epoch

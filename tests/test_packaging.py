@@ -26,6 +26,7 @@ def wheel(tmp_path_factory) -> Path:
     return whl
 
 
+@pytest.mark.slow
 def test_wheel_has_only_the_tdamil_top_level(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
@@ -37,6 +38,7 @@ def test_wheel_has_only_the_tdamil_top_level(wheel: Path) -> None:
     assert not any(n.startswith(("server/", "client/", "simulation/", "tests/")) for n in names)
 
 
+@pytest.mark.slow
 def test_wheel_carries_every_source_module(wheel: Path) -> None:
     """Every .py file of tdamil/, server/, client/ and simulation/ is in the wheel at its mapped place."""
     with zipfile.ZipFile(wheel) as zf:
@@ -52,6 +54,7 @@ def test_wheel_carries_every_source_module(wheel: Path) -> None:
     assert not missing, f"modules missing from the wheel (add an __init__.py to their folder?): {missing}"
 
 
+@pytest.mark.slow
 def test_wheel_console_scripts_point_into_tdamil(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as zf:
         (ep,) = [n for n in zf.namelist() if n.endswith(".dist-info/entry_points.txt")] or [None]
@@ -60,6 +63,7 @@ def test_wheel_console_scripts_point_into_tdamil(wheel: Path) -> None:
     assert all(t.startswith("tdamil.") for t in targets), targets
 
 
+@pytest.mark.slow
 def test_installed_wheel_imports_server_and_client_under_tdamil(wheel: Path, tmp_path: Path) -> None:
     target = tmp_path / "site"
     subprocess.run(

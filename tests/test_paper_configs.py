@@ -82,6 +82,7 @@ def test_paper_config_resolves_sites_held_out_and_patient_folds(tmp_path, config
         assert 0 < sum(site.test.labels) < len(site.test)  # stratified: both classes in the test fold
 
 
+@pytest.mark.slow
 def test_camelyon17_config_runs_a_short_cross_validation(tmp_path):
     """The CAMELYON17 config, unchanged but for size: tiny model, 1 round, fold 0 of 2 (the loop over
     folds and its summary are tested with a stand-in run in tests/test_sim_crossval.py)."""

@@ -14,6 +14,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -37,6 +38,7 @@ def test_readme_figures_are_rendered_from_the_recorded_run():
         "configs/sim_digits.yaml changed since the recorded run; regenerate with python benchmarks/readme_figures.py --run")
 
 
+@pytest.mark.slow
 def test_simulation_is_deterministic_for_a_seed(tmp_path):
     from tdamil.simulation.cli import main
 

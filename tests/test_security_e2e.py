@@ -28,7 +28,7 @@ from tdamil.security.preflight import (
     require_tls,
 )
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 BIN = Path(sys.executable).parent
 
 

@@ -96,6 +96,7 @@ def _audit(out: Path) -> list[dict]:
     return [json.loads(ln) for ln in (out / "audit.jsonl").read_text().splitlines() if ln.strip()]
 
 
+@pytest.mark.slow
 def test_tls_run_with_registered_sites_and_dp_finishes(fed):
     log = (fed["root"] / "server.log").read_text()
     assert "Registered site site_a" in log and "Registered site site_b" in log
@@ -117,6 +118,7 @@ def test_tls_run_with_registered_sites_and_dp_finishes(fed):
     assert done["dp_epsilon"] == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_audit_round_record_lists_sites_sizes_metrics_checkpoints_and_no_data(fed):
     records = _audit(fed["out"])
     replies = [r for r in records if r["event"] == "reply" and r["phase"] == "train" and r["round"] == 1]
@@ -139,6 +141,7 @@ def test_audit_round_record_lists_sites_sizes_metrics_checkpoints_and_no_data(fe
     assert len(text) < 20_000
 
 
+@pytest.mark.slow
 def test_tampered_server_certificate_is_refused_clearly(fed, tmp_path):
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
@@ -163,6 +166,7 @@ def test_tampered_server_certificate_is_refused_clearly(fed, tmp_path):
     assert "not signed by" in res.stderr and "Traceback" not in res.stdout + res.stderr
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_is_detected_and_finished_rounds_kept(fed):
     out = fed["out"]
     last = out / "checkpoints" / "last.pt"
@@ -194,6 +198,7 @@ def test_damaged_checkpoint_is_detected_and_finished_rounds_kept(fed):
         last.write_bytes(good)
 
 
+@pytest.mark.slow
 def test_project_commands_refuse_plaintext_and_malformed_config(fed, tmp_path):
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0")
     srv = dict(fed["server_cfg"])
@@ -218,6 +223,7 @@ def test_project_commands_refuse_plaintext_and_malformed_config(fed, tmp_path):
     assert res.returncode != 0 and "server_broken.yaml" in res.stderr and "line" in res.stderr
 
 
+@pytest.mark.slow
 def test_broken_or_tampered_server_certificate_is_a_one_line_error_before_anything_starts(tmp_path):
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization

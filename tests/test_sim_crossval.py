@@ -144,6 +144,7 @@ def test_crossval_runs_every_fold_and_writes_the_summary(tmp_path):
     assert summary["federation_seconds"] == 3.0
 
 
+@pytest.mark.slow
 def test_two_folds_run_at_once_in_their_own_processes(tmp_path):
     """fold_workers: 2 with the real per-fold simulation (tiny digits, 1 round): both folds run in
     spawned processes and their results come back into the summary; not allowed with Ray."""

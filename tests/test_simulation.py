@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import os
 
+import pytest
 import torch
 import yaml
 
@@ -82,6 +83,7 @@ def test_manifest_cohorts_become_sites_with_one_held_out(tmp_path, capsys):
     assert "nowhere" in err and "site_a" in err
 
 
+@pytest.mark.slow
 def test_ray_engine_runs_the_same_apps(tmp_path):
     """Flower's Ray simulation engine (the ``ray`` extra, installed with ``.[test]``)."""
     cfg = {

@@ -114,6 +114,7 @@ def ray_head():
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_simulation_runs_on_a_running_local_cluster(tmp_path, ray_head):
     address, temp = ray_head
@@ -138,6 +139,7 @@ def test_simulation_runs_on_a_running_local_cluster(tmp_path, ray_head):
     assert "1 GPU(s)" in line and "2 CPU(s), 0 GPU(s)" in line, line
 
 
+@pytest.mark.slow
 def test_unreachable_cluster_is_one_line(tmp_path):
     res = _simulate(tmp_path, {**SIM, "output_dir": str(tmp_path / "run")}, "--ray-address", f"127.0.0.1:{free_port()}")
     assert res.returncode == 2

@@ -51,6 +51,7 @@ def _wait_for(what: str, predicate, timeout: float, proc: ManagedProcess) -> Non
     raise AssertionError(f"timed out waiting for {what}:\n{proc.tail(40)}")
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_unregistered_site_is_told_and_a_killed_coordinator_leaves_nothing(tmp_path):
     from tdamil.federation.demo import write_demo_federation

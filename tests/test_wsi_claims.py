@@ -87,6 +87,7 @@ def test_a_slide_held_by_a_live_process_is_left_to_it_then_retried(slides, tmp_p
     assert [r.status for r in summary.results] == ["extracted", "skipped"]
 
 
+@pytest.mark.slow
 def test_two_concurrent_extract_processes_share_one_folder(slides, tmp_path):
     site = {"site": "s", "data": {"features_dir": str(tmp_path / "features"), "slides_dir": str(slides)},
             "extraction": {"encoder": "tiny", "batch_size": 8, "num_workers": 0, "device": "cpu"}}
