@@ -169,7 +169,10 @@ def nan_weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecor
 def site_record(name: str, server_round: int = 0, round_token: str = "") -> ConfigRecord:
     """The reply's ``site`` record: the name the site runs as, the round it answers and the
     instruction's round token (a replayed reply of an earlier round carries another token)."""
-    return ConfigRecord({"name": name, "server-round": int(server_round), "round-token": str(round_token)})
+    record = ConfigRecord({"name": name, "server-round": int(server_round)})
+    if round_token:  # Flower cannot size an empty string; an instruction without a token gets none back
+        record[ROUND_TOKEN] = str(round_token)
+    return record
 
 
 ROUND_TOKEN = "round-token"  # instruction config: a fresh random token per round, echoed by replies
