@@ -321,6 +321,7 @@ def predict_site(
                 "argmax" if trained.threshold is None else f"{trained.threshold:.3f}", trained.threshold_source)
     result = evaluate(trained.model, dataset, device=device)
     table = _predictions_table(result, slides, trained)
+    _check_maps(trained, dataset, table)
     with atomic_path(out / "predictions.csv") as tmp:
         table.to_csv(tmp, index=False)
     logger.info("Wrote %s", out / "predictions.csv")
@@ -340,6 +341,34 @@ def _predictions_table(result: Any, slides: SlideSet, trained: TrainedModel) -> 
     table["threshold"] = trained.threshold if trained.threshold is not None else np.nan
     table["threshold_source"] = trained.threshold_source
     return table
+
+
+def _check_maps(trained: TrainedModel, dataset: Any, table: Any) -> None:
+    """Is each positive slide's relevance map faithful? The label-free deletion check of
+    :mod:`tdamil.train.faithfulness` (its top patches removed vs as many random ones), per slide
+    (``map_deletion_gap``, ``map_check``) and over the slides in the log."""
+    from tdamil.train.faithfulness import MIN_GAP, check_bag, summarise
+
+    gaps: list[float] = []
+    checks: list[str] = []
+    deletions = []
+    for i in range(len(dataset)):
+        curve = check_bag(trained.model, dataset[i].features, positive_only=True, seed=i)
+        if curve is None:
+            gaps.append(np.nan)
+            checks.append("n/a (no per-patch scores)")
+        elif not curve.ks:
+            gaps.append(np.nan)
+            checks.append("n/a (predicted negative)")
+        else:
+            deletions.append(curve)
+            gaps.append(curve.gap)
+            checks.append("faithful" if curve.gap >= MIN_GAP else "NOT faithful")
+    table["map_deletion_gap"] = gaps
+    table["map_check"] = checks
+    if deletions:
+        verdict = summarise(deletions)
+        (logger.warning if verdict.flagged else logger.info)("%s.", verdict.sentence("The relevance map"))
 
 
 def _write_metrics(path: Path, result: Any, slides: SlideSet, dataset: Any, trained: TrainedModel) -> None:
@@ -385,6 +414,9 @@ def _write_pictures(result: Any, table: Any, slides: SlideSet, dataset: Any, dat
             continue
         label = f" (label {table.loc[i, 'label']})" if slides.labelled else ""
         title = f"{slide_id}: P({positive}) = {table.loc[i, f'prob_{positive}']:.2f}{label}"
+        if table.loc[i, "map_check"] == "NOT faithful":
+            title += ("\nMAP NOT FAITHFUL: deleting its top patches changes the prediction no more than "
+                      "deleting random ones")
         probs = {f"P({c})": float(table.loc[i, f"prob_{c}"]) for c in slides.classes}
         features = dataset.path(slide_id)
         for what, write in (

@@ -64,6 +64,10 @@ def test_training_checkpoint_predicts_with_heatmaps(site, tmp_path: Path) -> Non
     assert list(table["label"]) == ["MSS", "MSI"]
     probs = table[["prob_MSI", "prob_MSS"]].to_numpy()
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    # every slide's map is checked (deletion of its top patches vs random ones) where it is predicted positive
+    for i, check in enumerate(table["map_check"]):
+        assert check in ("faithful", "NOT faithful", "n/a (predicted negative)"), check
+        assert (check.startswith("n/a")) == np.isnan(table.loc[i, "map_deletion_gap"])
     # The same model run directly on the cached features gives the same probabilities.
     from tdamil.data.h5 import read_features
 

@@ -33,15 +33,37 @@ import yaml
 
 from tdamil.checkpoint import CheckpointError, annotate_checkpoint
 from tdamil.config import ConfigError, json_safe, load_config, to_dict
-from tdamil.data.bags import BagDataset, BagFileError, FeatureBagDataset, InMemoryBagDataset
+from tdamil.data.bags import (
+    BagDataset,
+    BagFileError,
+    FeatureBagDataset,
+    InMemoryBagDataset,
+)
 from tdamil.data.config import DataConfig
-from tdamil.data.contract import ContractError, FeatureContract, contract_of_files, feature_paths
+from tdamil.data.contract import (
+    ContractError,
+    FeatureContract,
+    contract_of_files,
+    feature_paths,
+)
 from tdamil.data.digits import DigitsBagsConfig, make_digits_bags
 from tdamil.data.manifest import ManifestError, load_manifest
-from tdamil.data.splits import folds_from_column, patient_kfold, patient_split, split_from_column
+from tdamil.data.splits import (
+    folds_from_column,
+    patient_kfold,
+    patient_split,
+    split_from_column,
+)
 from tdamil.logs import one_line, setup_logging
-from tdamil.stats import CI_METRICS, Interval, bootstrap_ci, format_interval, interval_columns
+from tdamil.stats import (
+    CI_METRICS,
+    Interval,
+    bootstrap_ci,
+    format_interval,
+    interval_columns,
+)
 from tdamil.train.engine import TrainConfig, evaluate, fit, seed_everything
+from tdamil.train.faithfulness import check_model
 from tdamil.train.metrics import METRIC_KEYS
 from tdamil.train.plots import plot_learning_curve
 
@@ -220,9 +242,15 @@ def run(cfg: TrainRunConfig, *, model_override: Optional[str] = None, source: st
             if ev.instance_metrics is not None:  # bags with instance labels (digits; annotated slides)
                 test_metrics = test_metrics | ev.instance_metrics
                 logger.info("%s test instance level: %s", name, ", ".join(f"{k} {v:.3f}" for k, v in ev.instance_metrics.items()))
+        # is the relevance map faithful? label-free, on the validation bags (tdamil.train.faithfulness)
+        check = check_model(model, fold.val if fold.val is not None and len(fold.val) else fold.train)
+        (logger.warning if check.flagged else logger.info)("%s%s: %s.", name, f" {fold.name}" if fold.name else "",
+                                                            check.sentence(f"{name}'s relevance map"))
         summary = {
             "model": name,
             "fold": fold.name or None,
+            "relevance_map": {"verdict": check.verdict, "validation_bags_checked": max(check.bags, 0),
+                              "deletion_gap": check.mean_gap, "sign_test_p": check.p_value},
             "best_epoch": res.best_epoch,
             "epochs_run": len(res.history),
             "stopped_early": res.stopped_early,
