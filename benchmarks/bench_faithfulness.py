@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -27,6 +26,7 @@ sys.path.insert(0, str(HERE.parent))
 
 MODELS = {
     "tdamil": {"name": "tdamil", "dim": 32, "depth": 1, "num_heads": 4},
+    "tdamil, no witness refinement": {"name": "tdamil", "dim": 32, "depth": 1, "num_heads": 4, "task_init_refine": 0},
     "tdamil, mean-direction T": {"name": "tdamil", "dim": 32, "depth": 1, "num_heads": 4, "task_init": "data",
                                  "proj_init": "random"},
     "abmil": {"name": "abmil", "dim": 32},

@@ -312,7 +312,10 @@ class TDAMIL(TransformerMIL):
         sums: dict[bool, torch.Tensor | float] = {True: 0.0, False: 0.0}
         counts = {True: 0, False: 0}
         projected_means: list[torch.Tensor] = []
+        kept: list[torch.Tensor] = []  # a subsample of each bag's scored tokens, for the witness refinement
+        kept_labels: list[bool] = []
         first: torch.Tensor | None = None
+        gen = torch.Generator().manual_seed(0)
         for x, label in itertools.islice(bags, self.cfg.task_init_bags):
             x = x.to(self.proj.weight.device, self.proj.weight.dtype)
             if first is None:
@@ -325,18 +328,41 @@ class TDAMIL(TransformerMIL):
             sums[positive] = sums[positive] + mean
             counts[positive] += 1
             projected_means.append(projected)
+            if self.cfg.task_init_refine > 0 and self.cfg.selection_source == "projected":
+                tokens = self.proj(self.input_norm(x)).float()
+                if tokens.shape[0] > self.cfg.task_init_keep:
+                    tokens = tokens[torch.randperm(tokens.shape[0], generator=gen)[: self.cfg.task_init_keep]]
+                kept.append(tokens)
+                kept_labels.append(positive)
         if first is None:
             return {"bags": 0, "positive": 0}
+        shift = torch.stack(projected_means).mean(dim=0)
         if self.cfg.proj_init == "data":
-            self.proj.bias.sub_(torch.stack(projected_means).mean(dim=0).to(self.proj.bias.dtype))
+            self.proj.bias.sub_(shift.to(self.proj.bias.dtype))
         if counts[True] and counts[False]:
             direction = sums[True] / counts[True] - sums[False] / counts[False]
+            if kept:
+                direction = self._refined(kept, kept_labels, direction, shift if self.cfg.proj_init == "data" else None)
             task = F.normalize(direction, dim=0) * self.task_token.float().norm().clamp_min(1e-6)
             self.task_token.copy_(task.to(self.task_token.dtype))
         else:
             self._init_task_token(F.pad(self._scored_patches(first), (0, 0, 1, 0)).unsqueeze(0), None)  # row 0 = CLS slot
         self.task_token_ready.fill_(1.0)
         return {"bags": counts[True] + counts[False], "positive": counts[True]}
+
+    def _refined(self, kept: list[torch.Tensor], labels: list[bool], start: torch.Tensor,
+                 shift: torch.Tensor | None) -> torch.Tensor:
+        """The contrast start or a witness refinement of it, whichever separates the labelled bags
+        best (:mod:`tdamil.models.task_start`); the tokens are centred as the projection now is."""
+        from tdamil.models.task_start import choose, witness_refinement  # noqa: PLC0415
+
+        bags = [x - shift for x in kept] if shift is not None else kept
+        candidates = witness_refinement(bags, labels, start, steps=self.cfg.task_init_refine,
+                                        top=self.cfg.task_init_top)
+        best, scores = choose(bags, labels, candidates, temperature=self.cfg.selection_temperature,
+                              margin=self.cfg.selection_margin)
+        self.task_start_choice = (best, scores)
+        return candidates[best]
 
     def forward_trace(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> TDAMILTrace:
         """Run the model and return every intermediate (see :class:`TDAMILTrace`)."""

@@ -101,6 +101,13 @@ class TDAMILConfig(TransformerMILConfig):
             weights carry it.
         task_init_bags: how many training bags ``"contrast"`` reads, in the first epoch's order
             (256; each bag's scored tokens are computed once, without gradients, one bag in memory).
+        task_init_refine: witness refinement of the contrast start (:mod:`tdamil.models.task_start`,
+            projected tokens only): up to this many steps (8), each moving ``T`` half way towards
+            the direction from the negative bags' top ``task_init_top`` share of tokens (by cosine
+            with the previous ``T``) to the positive bags'; the contrast start and every step are
+            candidates, and the one whose selection logit separates the labelled bags best (bag
+            AUROC, bag labels only) is kept. 0: off. A subsample of ``task_init_keep`` tokens per
+            bag is held for it (at most 256 x 512 x d floats).
         proj_init: ``"data"`` (default): the input projection's bias is shifted so that the
             projected patch tokens have zero mean (with ``"contrast"``: over the bags it reads, each
             bag weighted equally; otherwise over the first training bag). This removes the shared
@@ -164,6 +171,9 @@ class TDAMILConfig(TransformerMILConfig):
     decoder_bias: bool = False
     task_init: Literal["contrast", "data", "signed", "random"] = "contrast"
     task_init_bags: int = 256
+    task_init_refine: int = 8
+    task_init_keep: int = 512
+    task_init_top: float = 0.02
     proj_init: Literal["data", "random"] = "data"
     selection_grad: Literal["leaky", "exact"] = "leaky"
     selection_slope: float = 0.1
@@ -180,6 +190,8 @@ class TDAMILConfig(TransformerMILConfig):
             raise ValueError(f"decoder_ratio must be > 0, got {self.decoder_ratio}")
         if self.task_init not in ("data", "signed", "contrast", "random"):
             raise ValueError(f"task_init must be 'data', 'signed', 'contrast' or 'random', got {self.task_init!r}")
+        if self.task_init_refine < 0 or self.task_init_keep < 1 or not 0 < self.task_init_top <= 1:
+            raise ValueError("task_init_refine must be >= 0, task_init_keep >= 1 and task_init_top in (0, 1]")
         if self.task_init_bags < 1:
             raise ValueError(f"task_init_bags must be >= 1, got {self.task_init_bags}")
         if self.proj_init not in ("data", "random"):

@@ -196,6 +196,11 @@ def _labelled_init(model: nn.Module, dataset: BagDataset, order: Sequence[int], 
     read = model.init_from_bags(bags())
     if read["positive"] and read["positive"] < read["bags"]:
         how = "pointed from the negative to the positive bags' mean token"
+        choice = getattr(model, "task_start_choice", None)
+        if choice is not None:
+            best, scores = choice
+            how += (f", then refined on their witness patches: step {best} of {len(scores) - 1} kept (bag separation "
+                    f"{scores[best]:.3f}, contrast start {scores[0]:.3f})")
     else:
         how = "only one class among them, so its sign was chosen on the first bag"
     logger.info("Task token T started from %d training bags (%d positive) in %.1f s: %s.",
