@@ -39,11 +39,12 @@ def check_connection(address: str, ca_cert: Path | str, timeout: float = 5.0) ->
     """TLS handshake with the coordinator, verified against ``ca_cert``, before the SuperNode starts.
 
     Returns True when verified; False (with a warning) when the coordinator cannot be reached yet:
-    refused, timed out or unresolvable, which the SuperNode's own retries cover. Raises
+    refused, timed out or unresolvable, or a proxy in front of it accepts and closes at once (its
+    coordinator is not up yet), which the SuperNode's own retries cover. Raises
     :class:`~tdamil.security.preflight.SecurityCheckError` for a TLS problem (certificate from
     another CA, plaintext server, name not covered, expired), which retrying would never fix.
     """
-    from tdamil.security.preflight import probe_tls  # noqa: PLC0415
+    from tdamil.security.preflight import CoordinatorNotReady, probe_tls  # noqa: PLC0415
 
     host, port = split_host_port(address, "federation.superlink")
     try:
@@ -54,7 +55,12 @@ def check_connection(address: str, ca_cert: Path | str, timeout: float = 5.0) ->
                        "lasts, check federation.superlink, that the coordinator runs, and that the firewall allows "
                        "outbound TCP to port %d.", address, exc.__class__.__name__ if not str(exc) else exc, port)
         return False
-    version = probe_tls(address, ca_cert, timeout=timeout)
+    try:
+        version = probe_tls(address, ca_cert, timeout=timeout)
+    except CoordinatorNotReady as exc:
+        logger.warning("%s The SuperNode will keep trying; if this lasts, check that the coordinator runs (behind "
+                       "its proxy, where there is one).", exc)
+        return False
     logger.info("TLS link to the coordinator %s verified (%s, CA %s).", address, version, ca_cert)
     return True
 

@@ -399,3 +399,113 @@ def test_a_failed_session_is_judged_by_its_own_audit_lines_not_the_earlier_run(t
     AuditLog(coord.out_dir / "audit.jsonl", session=coord.session).write("run_failed", error="ValueError: x")
     AuditLog(coord.out_dir / "audit.jsonl", session="earlier").write("run_finished", last_round=1)
     assert coord.outcome() == ("failed", "ValueError: x") and not coord.run_finished()
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Round deadline (issue 21): one site's stalled upload never holds back or discards another's.
+class _RemoteGrid(InProcessGrid):
+    """An in-process grid that the PatientGrid pulls like a remote one (each reply by its own
+    thread); a reply of a site in ``stall`` spends that many seconds in its pull, as
+    Flower's grid does while the site's upload is still arriving."""
+
+    runs_sites_here = False
+
+    def __init__(self, *args, stall: dict | None = None, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.stall = dict(stall or {})
+
+    def pull_messages(self, message_ids):
+        import time
+
+        out = []
+        for mid in list(message_ids):
+            msg = self._pending.get(mid)
+            replies = list(super().pull_messages([mid]))
+            if msg is not None and replies:
+                site = self._contexts[msg.metadata.dst_node_id].node_config["site"]
+                time.sleep(self.stall.get(site, 0.0))
+            out += replies
+        return out
+
+
+def test_a_stalled_reply_ends_at_the_deadline_without_holding_back_the_other_and_comes_back_late():
+    import time
+
+    def app(msg, ctx):
+        return Message(RecordDict({"metrics": MetricRecord({"x": 1.0})}), reply_to=msg)
+
+    grid = PatientGrid(_RemoteGrid(app, {1: {"site": "site_a"}, 2: {"site": "site_b"}}, stall={"site_b": 2.0}),
+                       2, 5, poll_interval=0.01)
+    msgs = [grid.create_message(RecordDict(), "train", n, "") for n in (1, 2)]
+    t0 = time.monotonic()
+    replies = list(grid.send_and_receive(msgs, timeout=0.5, round_phase=(2, "train"), deadline_note="deadline passed"))
+    assert time.monotonic() - t0 < 1.5  # ends at the deadline, not when site_b's pull returns
+    by_node = {int(r.metadata.src_node_id): r for r in replies}
+    assert not by_node[1].has_error()  # site_a's reply is not held back by site_b's
+    assert by_node[2].has_error() and by_node[2].error.reason == "deadline passed"
+    assert by_node[2].metadata.reply_to_message_id == msgs[1].metadata.message_id
+    assert grid.late_replies() == []
+    time.sleep(2.5)
+    late = grid.late_replies()  # site_b's reply came after the deadline: handed over as late, once
+    assert [(x.round, x.phase, x.node_id) for x in late] == [(2, "train", 2)] and not late[0].reply.has_error()
+    assert grid.late_replies() == []
+    grid.inner.stall = {}
+    nxt = [grid.create_message(RecordDict(), "train", n, "") for n in (1, 2)]
+    again = list(grid.send_and_receive(nxt, timeout=5, round_phase=(3, "train")))
+    assert {r.metadata.reply_to_message_id for r in again} == {m.metadata.message_id for m in nxt}
+
+
+def test_the_wait_line_names_the_missing_sites():
+    class One(InProcessGrid):
+        def get_node_ids(self):
+            return [1000]
+
+    now = [0.0]
+    grid = PatientGrid(One(None, {1000: {}}), min_nodes=2, wait_timeout=30, clock=lambda: now[0])
+    grid.known_sites = lambda: {1000: ("site_a", "registered"), 1001: ("site_b", "registered")}
+    grid.get_node_ids()
+    now[0] = 31.0
+    with pytest.raises(SitesUnavailableError, match=r"waiting for site_b \(registered\), 1 of 2 required connected"):
+        grid.get_node_ids()
+
+
+def test_a_site_past_the_round_deadline_is_named_the_others_are_aggregated_and_its_late_reply_refused(tmp_path):
+    """Round 2: site_b's reply takes longer than the whole round's deadline; the round aggregates
+    site_a by the deadline, audits site_b by name, and refuses site_b's reply when it arrives in
+    round 3 instead of aggregating it there."""
+    import time
+
+    from tdamil.client.client_app import make_client_app
+    from tdamil.federation.loop import RoundLoop
+    from test_federation_timeline import TINY as SPEC, _runtimes
+
+    runtimes = _runtimes()
+    app = make_client_app(lambda ctx: runtimes[ctx.node_config["site"]])
+    fed = FederationConfig(rounds=3, lr=1e-3, min_sites=2, min_replies=1, round_timeout_s=6, wait_for_sites_s=5)
+    inner = _RemoteGrid(app, {1: {"site": "site_a"}, 2: {"site": "site_b"}})
+    grid = PatientGrid(inner, 2, 5, poll_interval=0.02)
+    out = tmp_path / "run"
+    loop = RoundLoop(build_strategy(fed), fed, SPEC.to_json(), out, plot=False)
+    original = grid.send_and_receive
+
+    def send(messages, **kw):  # site_b's round-2 reply comes 7.5 s after it was sent, 1.5 s into round 3
+        inner.stall = {(2, "train"): {"site_b": 7.5}, (3, "train"): {"site_b": 3.0}}.get(kw.get("round_phase"), {})
+        return original(messages, **kw)
+
+    grid.send_and_receive = send
+    t0 = time.monotonic()
+    result = loop.run(grid, model_to_arrays(build_model(SPEC, seed=0)))
+    assert result.failed_rounds == []
+    events = read_audit(out / "audit.jsonl")
+    agg = {e["round"]: e["sites"] for e in events if e["event"] == "aggregated"}
+    assert agg == {1: ["site_a", "site_b"], 2: ["site_a"], 3: ["site_a", "site_b"]}
+    fail = [e for e in events if e["event"] == "failure"]
+    assert any(e["round"] == 2 and e["site"] == "site_b" and "round's deadline" in e["reason"] for e in fail), fail
+    late = [e for e in fail if e["reason"].startswith("late reply refused")]
+    assert [(e["round"], e["phase"], e["site"]) for e in late] == [(2, "train", "site_b")], fail
+    ended = [e for e in events if e["event"] == "round_finished" and e["round"] == 2][0]
+    assert ended["seconds"] < 6 + 3  # the round ended by its deadline, not by site_b's upload
+    timeline = [e for e in events if e["event"] == "round_timeline" and e["round"] == 2][0]
+    assert timeline["critical_site"] == "site_a" and timeline["columns"]["wait for missing sites"] > 2
+    assert time.monotonic() - t0 < 60

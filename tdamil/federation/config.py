@@ -15,12 +15,21 @@ class FederationConfig:
     lr:                the sites' AdamW learning rate; weight_decay its weight decay.
     min_sites:         a round starts when at least this many sites are connected (and samples at
                        least this many).
-    min_replies:       the round's update is applied when at least this many sites replied in time
-                       (default: min_sites); with fewer the round is logged as failed and the
-                       global model is kept. Lower it to let a round finish when a site dies mid-round.
+    min_replies:       partial aggregation: when the round's deadline passes, the replies that
+                       arrived are aggregated if at least this many sites sent a sound one (default:
+                       min_sites, i.e. every sampled site must answer); with fewer the round is
+                       logged as failed and the global model is kept. Set it below the number of
+                       sites, e.g. "all but one" (min_sites - 1), so that one site's lost link or
+                       stalled upload costs only that site's update, not the round.
     fraction_sites:    fraction of the connected sites sampled per round (at least min_sites).
-    round_timeout_s:   how long a round waits for replies; sites that have not answered by then are
-                       logged as failed for this round (a round never waits forever).
+    round_timeout_s:   the deadline of the whole round, counted from its train message: the site
+                       evaluation message of the same round (where one is sent) gets only what is
+                       left of it. When it passes, the round aggregates the replies that arrived
+                       (``min_replies`` permitting) and audits every site without a reply by name
+                       ("no reply by the round's deadline"); a reply that arrives later is refused
+                       and audited, never aggregated into a later round. Size it to the slowest
+                       site's local training plus its transfers (upload and download of the model
+                       at its link's rate), with a margin.
     wait_for_sites_s:  how long to wait for min_sites sites to connect before the run stops with an
                        error (it can be resumed).
     strategy:          fedavg | fedprox (proximal term ``proximal_mu`` at the sites) | fedadam |

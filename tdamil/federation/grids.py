@@ -1,10 +1,15 @@
 """Grids for the round loop.
 
-* :class:`PatientGrid` wraps any Grid so that waiting for sites never lasts forever: Flower 1.42's
+* :class:`PatientGrid` wraps any Grid so that waiting never lasts forever. Flower 1.42's
   strategies poll ``get_node_ids()`` in an endless loop until enough sites are connected; after
-  ``wait_timeout`` seconds without enough sites this wrapper raises :class:`SitesUnavailableError`.
-  It also pulls replies every ``poll_interval`` seconds (Flower's grid sleeps 3 s between pulls,
-  1.5 s lost per message on average) and stamps when each reply arrived (``received_at``).
+  ``wait_timeout`` seconds without enough sites this wrapper raises :class:`SitesUnavailableError`,
+  and while it waits it names the sites it waits for (``known_sites``, from the round loop).
+  ``send_and_receive`` collects replies until the time left in the round runs out (the round loop
+  passes what is left of ``federation.round_timeout_s``); each reply is pulled on its own, so one
+  site's stalled upload never holds back another's, and a reply that comes after its round's
+  deadline is handed to :meth:`PatientGrid.late_replies`, never to a later round. Replies are pulled
+  every ``poll_interval`` seconds (Flower's grid sleeps 3 s between pulls, 1.5 s lost per message
+  on average) and stamped when they arrived (``received_at``).
 * :class:`InProcessGrid` runs a ClientApp for every simulated site inside this process (the fast
   simulation engine). It implements Flower's public ``Grid`` interface; message ids and the run id
   are set the way Flower's own in-memory grid sets them (``Metadata.__dict__``), which is why the
@@ -14,9 +19,11 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from uuid import uuid4
 
 from flwr.app import Context, Message, RecordDict
@@ -29,9 +36,23 @@ from flwr.supercore.task_identity import TaskIdentity
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PatientGrid", "InProcessGrid", "SitesUnavailableError"]
+__all__ = ["PatientGrid", "InProcessGrid", "SitesUnavailableError", "LateReply"]
 
 _CLIENT_APP_RAISED_EXCEPTION = 2  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+_MESSAGE_UNAVAILABLE = 3  # flwr.common.constant.ErrorCode.MESSAGE_UNAVAILABLE
+LATE_WINDOW_S = 600.0  # a reply is still pulled this long (at least the round timeout) after its deadline
+
+
+@dataclass
+class LateReply:
+    """A reply that arrived ``seconds_late`` after the deadline of the round and phase it answers
+    (``node_id``: the site the instruction went to)."""
+
+    round: int
+    phase: str
+    node_id: int
+    reply: Message
+    seconds_late: float
 
 
 class SitesUnavailableError(RuntimeError):
@@ -39,7 +60,8 @@ class SitesUnavailableError(RuntimeError):
 
 
 class PatientGrid(Grid):
-    """Delegate to ``inner`` but stop waiting for sites after ``wait_timeout`` seconds."""
+    """Delegate to ``inner`` but stop waiting for sites after ``wait_timeout`` seconds, and for
+    replies at the round's deadline (see the module docstring)."""
 
     def __init__(self, inner: Grid, min_nodes: int, wait_timeout: float,
                  clock: Callable[[], float] = time.monotonic, poll_interval: float = 0.1) -> None:
@@ -48,9 +70,14 @@ class PatientGrid(Grid):
         self.received_at: dict[str, float] = {}  # instruction message id -> reply arrival (time.time())
         self.min_nodes = int(min_nodes)
         self.wait_timeout = float(wait_timeout)
+        # node id -> (site, how the coordinator knows it), set by the round loop: names the missing sites
+        self.known_sites: Callable[[], dict[int, tuple[str, str]]] = dict
         self._clock = clock
         self._short_since: float | None = None
         self._last_log = 0.0
+        self._lock = threading.Condition()
+        self._late: list[LateReply] = []
+        self._orphans: dict[str, tuple[int, str, int, float]] = {}  # id -> (round, phase, node, deadline passed)
 
     def set_run(self, run: Run) -> None:
         self.inner.set_run(run)
@@ -63,6 +90,13 @@ class PatientGrid(Grid):
                        ttl: float | None = None) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
+    def _missing_sites(self, nodes: list[int]) -> str:
+        """'site_b (registered), node 42 (took part in round 1)' for the known sites not connected."""
+        known = self.known_sites()
+        missing = [f"{site} ({how})" for nid, (site, how) in sorted(known.items(), key=lambda kv: kv[1])
+                   if nid not in nodes]
+        return ", ".join(missing)
+
     def get_node_ids(self) -> Iterable[int]:
         nodes = list(self.inner.get_node_ids())
         if len(nodes) >= self.min_nodes:
@@ -72,17 +106,20 @@ class PatientGrid(Grid):
         if self._short_since is None:
             self._short_since = now
         waited = now - self._short_since
+        missing = self._missing_sites(nodes)
+        waiting_for = f"waiting for {missing}, " if missing else "waiting for sites, "
         if waited > self.wait_timeout:
             self._short_since = None
             raise SitesUnavailableError(
-                f"Only {len(nodes)} site(s) connected, {self.min_nodes} required (federation.min_sites); "
+                f"{waiting_for}{len(nodes)} of {self.min_nodes} required connected (federation.min_sites); "
                 f"waited {self.wait_timeout:.0f} s (federation.wait_for_sites_s). Start the missing sites "
                 f"with `tdamil-client --site <name>` or lower min_sites."
             )
         if now - self._last_log > 10:
             self._last_log = now
-            logger.info("Waiting for sites: %d connected, %d required (%.0f s left).", len(nodes),
-                        self.min_nodes, self.wait_timeout - waited)
+            logger.info("%s%d of %d required connected (%.0f s left, federation.wait_for_sites_s).",
+                        waiting_for[0].upper() + waiting_for[1:], len(nodes), self.min_nodes,
+                        self.wait_timeout - waited)
         return nodes
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -91,20 +128,102 @@ class PatientGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.inner.pull_messages(message_ids)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Push, then pull every ``poll_interval`` s until every reply is in or ``timeout`` passed."""
-        pending = set(self.push_messages(messages))
+    def late_replies(self) -> list[LateReply]:
+        """Replies that arrived after their round's deadline (each only once): never to be used."""
+        with self._lock:
+            late, self._late = self._late, []
+        return late
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None,
+                         round_phase: tuple[int, str] = (0, ""), deadline_note: str = "") -> Iterable[Message]:
+        """Push, then collect the replies until every one is in or ``timeout`` seconds passed (the
+        time left in the round). A message without a reply by then gets an error reply naming the
+        deadline (``deadline_note``), which the reply intake audits under the site's name.
+
+        Each reply of a remote grid is pulled by its own thread: Flower hands a reply to the
+        ServerApp as soon as the site *starts* uploading it, and its ``pull_messages`` then waits
+        for every object of the reply, up to the site's push session (180 s) or longer. Pulled
+        together, one stalled upload held back the replies of every other site. A reply still
+        arriving at the deadline is kept from this round; when it comes it is handed to
+        :meth:`late_replies` with its ``round_phase``, never to a later round."""
+        messages = list(messages)
+        ids = [str(i) for i in self.push_messages(messages) if i]
+        sent = {m.metadata.message_id: m for m in messages if m.metadata.message_id}
         deadline = time.monotonic() + (timeout if timeout is not None else 0.0)
-        replies: list[Message] = []
+        if getattr(self.inner, "runs_sites_here", False):  # its pull runs the sites' apps: one at a time
+            replies = self._pull_in_turn(ids, deadline, timeout is None)
+        else:
+            nodes = {mid: int(sent[mid].metadata.dst_node_id) for mid in ids if mid in sent}
+            replies = self._pull_in_parallel(ids, deadline, timeout, round_phase, nodes)
+        answered = {r.metadata.reply_to_message_id for r in replies}
+        for mid in ids:
+            if mid not in answered and mid in sent:
+                replies.append(self._deadline_reply(sent[mid], deadline_note))
+        return replies
+
+    def _arrived(self, reply: Message) -> None:
+        self.received_at[reply.metadata.reply_to_message_id] = time.time()
+
+    def _pull_in_turn(self, ids: list[str], deadline: float, forever: bool) -> list[Message]:
+        pending, replies = set(ids), []
         while pending:
             for reply in self.pull_messages(pending):
-                self.received_at[reply.metadata.reply_to_message_id] = time.time()
+                self._arrived(reply)
                 pending.discard(reply.metadata.reply_to_message_id)
                 replies.append(reply)
-            if not pending or (timeout is not None and time.monotonic() >= deadline):
+            if not pending or (not forever and time.monotonic() >= deadline):
                 break
             time.sleep(self.poll_interval)
         return replies
+
+    def _pull_in_parallel(self, ids: list[str], deadline: float, timeout: float | None,
+                          round_phase: tuple[int, str], nodes: dict[str, int]) -> list[Message]:
+        got: dict[str, Message] = {}
+        for mid in ids:
+            threading.Thread(target=self._pull_one, args=(mid, got, deadline, timeout),
+                             name=f"pull-{mid[:8]}", daemon=True).start()
+        with self._lock:
+            while len(got) < len(ids):
+                left = deadline - time.monotonic()
+                if timeout is not None and left <= 0:
+                    break
+                self._lock.wait(None if timeout is None else left)
+            replies = [got[mid] for mid in ids if mid in got]
+            for mid in ids:
+                if mid not in got:  # from now on its reply is late: the puller hands it to late_replies
+                    self._orphans[mid] = (*round_phase, nodes.get(mid, 0), time.time())
+            got.clear()
+        return replies
+
+    def _pull_one(self, mid: str, got: dict[str, Message], deadline: float, timeout: float | None) -> None:
+        """Pull one message's reply until it arrives, or until ``late_window`` after the deadline
+        (a late reply is still pulled, so that it is audited and leaves the SuperLink)."""
+        stop = deadline + (max(LATE_WINDOW_S, timeout) if timeout is not None else 0.0)
+        while timeout is None or time.monotonic() < stop:
+            try:
+                replies = list(self.pull_messages([mid]))
+            except Exception as exc:  # noqa: BLE001 - one site's pull must never end the round
+                logger.warning("Pulling the reply to %s failed (%s); trying again.", mid[:8], exc)
+                replies = []
+            with self._lock:
+                for reply in replies:
+                    if mid in self._orphans:
+                        rnd, phase, node, ended = self._orphans.pop(mid)
+                        self._late.append(LateReply(rnd, phase, node, reply, time.time() - ended))
+                    else:
+                        self._arrived(reply)
+                        got[mid] = reply
+                    self._lock.notify_all()
+                if replies:
+                    return
+            time.sleep(self.poll_interval if time.monotonic() < deadline else max(self.poll_interval, 1.0))
+        with self._lock:
+            self._orphans.pop(mid, None)
+
+    @staticmethod
+    def _deadline_reply(msg: Message, note: str) -> Message:
+        reason = note or "no reply before the deadline"
+        return Message(Error(code=_MESSAGE_UNAVAILABLE, reason=reason), reply_to=msg)
 
 
 class InProcessGrid(Grid):
@@ -115,6 +234,8 @@ class InProcessGrid(Grid):
     ``on_message`` (optional) sees every (instruction, reply) pair: tests use it to inspect what
     sites send.
     """
+
+    runs_sites_here = True  # pulling a reply runs the site's app in the pulling thread
 
     def __init__(self, client_app: ClientApp, node_configs: dict[int, dict], run_config: dict | None = None,
                  run_id: int = 1,

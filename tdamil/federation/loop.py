@@ -50,7 +50,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from tdamil.federation.audit import AuditLog
 from tdamil.federation.checkpoint import CheckpointStore
 from tdamil.federation.config import CheckpointConfig, FederationConfig
-from tdamil.federation.grids import SitesUnavailableError
+from tdamil.federation.grids import PatientGrid, SitesUnavailableError
 from tdamil.federation.history import MetricsHistory, plot_learning_curves
 from tdamil.federation.records import (
     FEATURE_CONTRACT,
@@ -58,6 +58,7 @@ from tdamil.federation.records import (
     REQUIRED_VERSIONS,
     ROUND_TOKEN,
     ReplyContract,
+    error_text,
     global_evaluation,
     is_stamp,
     nan_weighted_mean,
@@ -131,6 +132,7 @@ class RoundLoop:
         self.store.set_feature_contract(feature_contract)
         self.round_token = ""  # fresh per round: replies echo it (a replayed reply does not)
         self.with_train = bool(fed.evaluate_sites and fed.evaluate_with_train)
+        self._deadline: float | None = None  # time.monotonic() at which the current round ends
 
     def _site_of(self, grid: Any, node_id: int) -> str | None:
         return self.intake.site_of(grid, node_id)
@@ -333,10 +335,49 @@ class RoundLoop:
         values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
         return sum(values) / len(values) if values else None
 
-    def _send(self, grid: Any, messages: list[Message], clock: RoundClock | None = None) -> list[Message]:
+    def _send(self, grid: Any, messages: list[Message], rnd: int, phase: str,
+              clock: RoundClock | None = None) -> list[Message]:
+        """Send one phase's messages and collect the replies until the round's deadline:
+        ``federation.round_timeout_s`` counts from the round's train message, and a later message
+        of the same round (a separate site evaluation) gets only what is left of it. A site
+        without a reply by then gets an error reply naming the deadline (audited by the intake);
+        replies of an earlier round that arrive now are refused and audited."""
+        now = time.monotonic()
+        if phase == "train" or self._deadline is None:
+            self._deadline = now + self.fed.round_timeout_s
         if clock is not None:
             clock.sent = time.time()
-        return list(grid.send_and_receive(messages, timeout=self.fed.round_timeout_s))
+        self._refuse_late(grid)
+        left = self._deadline - now
+        if not isinstance(grid, PatientGrid):
+            return list(grid.send_and_receive(messages, timeout=max(left, 0.0)))
+        if left <= 0:
+            self.audit.failure(rnd, phase, f"not sent: the round's deadline (federation.round_timeout_s="
+                               f"{self.fed.round_timeout_s:.0f} s) had passed")
+            return []
+        note = (f"no reply by the round's deadline (federation.round_timeout_s={self.fed.round_timeout_s:.0f} s "
+                f"for the whole round; {left:.0f} s were left for the {phase} message): the site stopped, "
+                "lost its link or is too slow")
+        replies = list(grid.send_and_receive(messages, timeout=left, round_phase=(rnd, phase), deadline_note=note))
+        if clock is not None:
+            clock.collected = time.time()
+        self._refuse_late(grid)
+        return replies
+
+    def _refuse_late(self, grid: Any) -> None:
+        """Audit the replies that came after their round's deadline; they are never used."""
+        for late in grid.late_replies() if isinstance(grid, PatientGrid) else []:
+            what = error_text(late.reply) if late.reply.has_error() else "a reply"
+            self.audit.failure(late.round, late.phase, f"late reply refused: {what} arrived {late.seconds_late:.0f} s "
+                               f"after the round's deadline (federation.round_timeout_s="
+                               f"{self.fed.round_timeout_s:.0f} s); it is never aggregated",
+                               site=self._site_of(grid, late.node_id), node_id=late.node_id)
+
+    def _name_sites(self, grid: Any) -> None:
+        """Let the grid name the sites it waits for: registered ones and those seen in replies."""
+        if isinstance(grid, PatientGrid):
+            grid.known_sites = lambda: ({n: (s, "took part before") for n, s in self.intake.node_sites.items()}
+                                        | {n: (s, "registered") for n, s in self.intake.registered(grid).items()})
 
     def _site_evaluation(self, model_round: int, per_site: dict[str, dict[str, float]], via: str) -> dict[str, float]:
         """Record the sites' validation metrics of round ``model_round``'s global model (per site
@@ -367,6 +408,7 @@ class RoundLoop:
 
     def _train_round(self, grid: Any, rnd: int, arrays: ArrayRecord,
                      clock: RoundClock) -> tuple[ArrayRecord | None, bool]:
+        self._name_sites(grid)
         try:
             messages = list(self.strategy.configure_train(rnd, arrays, self.train_config(), grid))
         except SitesUnavailableError as exc:
@@ -374,7 +416,7 @@ class RoundLoop:
             raise
         self.audit.round_started(rnd, sites=[m.metadata.dst_node_id for m in messages],
                                  global_model_bytes=arrays.count_bytes())
-        replies = self._send(grid, messages, clock)
+        replies = self._send(grid, messages, rnd, "train", clock)
         layout = layout_of(arrays)
         contract = ReplyContract("train", rnd, self.round_token, layout, self.fed.max_site_examples)
         valid = self.intake.collect(grid, rnd, "train", messages, replies, contract, clock=clock,
@@ -425,7 +467,7 @@ class RoundLoop:
             return {}
         if not messages:
             return {}
-        replies = self._send(grid, messages)
+        replies = self._send(grid, messages, rnd, "evaluate")
         contract = ReplyContract("evaluate", rnd, self.round_token, None, self.fed.max_site_examples)
         valid = self.intake.collect(grid, rnd, "evaluate", messages, replies, contract)
         per_site = {reply_site(r): {k: v for k, v in reply_metrics(r).items() if not is_stamp(k)} for r in valid}

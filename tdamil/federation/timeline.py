@@ -55,7 +55,8 @@ SEGMENTS: tuple[tuple[str, str], ...] = (
 
 TABLE_COLUMNS: tuple[str, ...] = (
     ("configure",) + tuple(name for name, _ in SEGMENTS)
-    + ("aggregate", "site evaluate message", "held-out evaluation", "checkpoint", "unaccounted")
+    + ("wait for missing sites", "aggregate", "site evaluate message", "held-out evaluation", "checkpoint",
+       "unaccounted")
 )
 
 
@@ -99,6 +100,7 @@ class RoundClock:
 
     started: float = field(default_factory=time.time)
     sent: float = math.nan
+    collected: float = math.nan  # the train replies were handed over (all in, or the round's deadline)
     received: dict[str, float] = field(default_factory=dict)  # site -> reply arrival
     stamps: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> its time-* stamps
     durations: dict[str, float] = field(default_factory=dict)  # aggregate, held-out evaluation, ...
@@ -113,7 +115,8 @@ class RoundClock:
 
 
 def round_table(clock: RoundClock, ended: float) -> dict[str, Any]:
-    """One row: the critical (last-replying) site's segments plus the coordinator's work; the
+    """One row: the critical (last-replying) site's segments, the wait after it for sites that did
+    not reply (until the round's deadline), plus the coordinator's work; the
     columns of ``columns`` sum to ``seconds`` (``unaccounted`` is the remainder: bookkeeping,
     audit and metrics writes, and anything not timed)."""
     sites = clock.sites()
@@ -122,6 +125,10 @@ def round_table(clock: RoundClock, ended: float) -> dict[str, Any]:
     if critical is not None:
         cols["configure"] = clock.sent - clock.started
         cols.update(sites[critical])
+    if _finite(clock.collected) and _finite(clock.sent):  # after the last reply, until the deadline
+        last = clock.received[critical] if critical is not None else clock.sent
+        cols["configure"] = clock.sent - clock.started
+        cols["wait for missing sites"] = max(0.0, clock.collected - last)
     for name in ("aggregate", "site evaluate message", "held-out evaluation", "checkpoint"):
         cols[name] = clock.durations.get(name, 0.0)
     seconds = ended - clock.started

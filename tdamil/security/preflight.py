@@ -27,7 +27,7 @@ from tdamil.security.config import ServerAuthConfig, SiteAuthConfig, TLSConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SecurityCheckError", "require_tls", "check_server_tls", "check_coordinator_security",
+__all__ = ["SecurityCheckError", "CoordinatorNotReady", "require_tls", "check_server_tls", "check_coordinator_security",
            "check_site_security", "probe_tls"]
 
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "", "127.0.0.1", "localhost")
@@ -35,6 +35,11 @@ _WILDCARD_HOSTS = ("0.0.0.0", "::", "", "127.0.0.1", "localhost")
 
 class SecurityCheckError(RuntimeError):
     """A security precondition failed; the message names the file or address and the fix."""
+
+
+class CoordinatorNotReady(SecurityCheckError):
+    """The address accepted the TCP connection and closed it before any TLS answer: what a proxy
+    (or a load balancer) in front of a coordinator that is not up yet does. Retrying may fix it."""
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -151,7 +156,8 @@ def probe_tls(address: str, ca_cert: Path | str, timeout: float = 5.0, server_na
     """TLS handshake with ``address`` verifying against ``ca_cert`` (as flower-supernode will).
 
     Returns the negotiated TLS version; raises :class:`SecurityCheckError` saying what is wrong:
-    unreachable, plaintext server, certificate from another CA, name not covered, expired.
+    unreachable, plaintext server, certificate from another CA, name not covered, expired; and
+    :class:`CoordinatorNotReady` when the connection was closed before any TLS answer.
     """
     host, port = _split(address)
     name = server_name or host
@@ -186,6 +192,11 @@ def probe_tls(address: str, ca_cert: Path | str, timeout: float = 5.0, server_na
             f"the certificate presented by {address} is not signed by the CA in {ca_cert} ({msg}). Get the "
             "current ca.pem from the coordinator, or you are not talking to the coordinator."
         ) from None
+    except (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError) as exc:
+        raise CoordinatorNotReady(
+            f"{address} accepted the connection and closed it without answering the TLS handshake ({exc}): the "
+            "coordinator, or a proxy in front of it whose coordinator is not up yet, is not ready."
+        ) from None
     except ssl.SSLError as exc:
         text = f"{exc.reason or ''} {exc}".upper()
         if any(s in text for s in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST")):
@@ -194,7 +205,7 @@ def probe_tls(address: str, ca_cert: Path | str, timeout: float = 5.0, server_na
                 "model weights unencrypted: the coordinator must run with its certificate."
             ) from None
         raise SecurityCheckError(f"TLS handshake with {address} failed: {exc}.") from None
-    except (ConnectionResetError, socket.timeout, TimeoutError, OSError) as exc:
+    except (socket.timeout, TimeoutError, OSError) as exc:
         raise SecurityCheckError(
             f"{address} closed the connection during the TLS handshake ({exc}); it may not speak TLS."
         ) from None

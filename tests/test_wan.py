@@ -1,0 +1,154 @@
+"""Rounds over shaped links (issue 21): the real processes in a private network namespace, each
+site behind its own line (80 ms RTT, 4 Mbit/s each way; tests/wan_harness.py).
+
+site_b's line is cut in the middle of its round-2 upload for longer than the round's deadline:
+the round must end by its deadline with site_a's update aggregated, name site_b in the audit,
+never aggregate site_b's late reply into a later round, and the run must finish."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tdamil.federation.processes import ManagedProcess, flower_env
+from tdamil.net import free_port
+from wan_harness import LinkSpec, Wan, namespaces_allowed
+
+DEADLINE_S = 40.0  # federation.round_timeout_s: the whole round
+CUT_S = 60.0  # longer than the deadline
+LINE = LinkSpec(rtt_ms=80, rate_mbit=4)
+
+
+def _events(out: Path) -> list[dict]:
+    path = out / "audit.jsonl"
+    events = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            pass
+    return events
+
+
+def _at(event: dict) -> float:
+    return datetime.fromisoformat(event["time"]).timestamp()
+
+
+def _wait(what: str, predicate, timeout: float, procs: list[ManagedProcess]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.25)
+    logs = "\n\n".join(f"--- {p.name} ---\n{p.tail(25)}" for p in procs)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{logs}")
+
+
+@pytest.fixture()
+def wan(tmp_path):
+    reason = namespaces_allowed()
+    if reason is not None:
+        pytest.skip(f"no private network namespace for the WAN test: {reason}")
+    net = Wan(tmp_path / "wan")
+    yield net
+    net.close()
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_site_cut_mid_upload_costs_only_its_own_update_and_is_named(tmp_path, wan):
+    from tdamil.federation.demo import write_demo_federation
+
+    fleet, internal = free_port(), free_port()
+    paths = write_demo_federation(
+        tmp_path, num_sites=2, train_bags=8, val_bags=4, test_bags=4, heldout_bags=10,
+        model={"name": "tdamil", "dim": 128, "depth": 1, "num_heads": 2},
+        federation={"rounds": 3, "min_sites": 2, "min_replies": 1, "round_timeout_s": DEADLINE_S,
+                    "wait_for_sites_s": 150},
+        superlink=f"127.0.0.1:{fleet}", internal_port=internal, runtime_ports=[free_port(), free_port()],
+        secure=False)
+    links = {}
+    for site in ("site_a", "site_b"):  # each site dials its own line to the coordinator
+        links[site] = wan.link(site, free_port(), fleet, LINE)
+        cfg = yaml.safe_load(paths[site].read_text())
+        cfg["federation"]["superlink"] = f"127.0.0.1:{links[site].port}"
+        paths[site].write_text(yaml.safe_dump(cfg, sort_keys=False))
+    out = tmp_path / "run"
+    env = flower_env(threads=1)
+    py = sys.executable
+    procs = [ManagedProcess("flwr-server", [*wan.exec_prefix, py, "-m", "tdamil.server.coordinator", "--config",
+                                            str(paths["server"]), "--insecure"], tmp_path / "logs" / "server.log",
+                            env=env)]
+    try:
+        for site in ("site_a", "site_b"):
+            procs.append(ManagedProcess(site, [*wan.exec_prefix, py, "-m", "tdamil.client.site", "--config",
+                                               str(paths[site]), "--insecure", "--state-dir",
+                                               str(tmp_path / "state" / site)], tmp_path / "logs" / f"{site}.log",
+                                        env=env))
+        _wait("round 2 to start", lambda: any(e["event"] == "round_started" and e["round"] == 2
+                                              for e in _events(out)), 120, procs)
+        links["site_b"].cut_after_upload(64 * 1024, CUT_S)  # its reply is ~0.6 MB: cut once 64 KiB are up
+        _wait("the run to finish", lambda: procs[0].poll() is not None, 200, procs)
+        assert procs[0].poll() == 0, procs[0].tail(40)
+
+        ev = _events(out)
+        started = next(_at(e) for e in ev if e["event"] == "round_started" and e["round"] == 2)
+        aggregated = [e for e in ev if e["event"] == "aggregated" and e["round"] == 2]
+        cuts = links["site_b"].status()["cuts"]
+        assert cuts and started < cuts[0][0] < started + DEADLINE_S, (cuts, started)  # cut during round 2
+        assert aggregated and aggregated[0]["sites"] == ["site_a"], [e for e in ev if e.get("round") == 2]
+        assert _at(aggregated[0]) - started <= DEADLINE_S + 5  # by the deadline, not by site_b's line
+        fail = [e for e in ev if e["event"] == "failure"]
+        named = [e for e in fail if e["round"] == 2 and e["site"] == "site_b"]
+        assert named and any("deadline" in e["reason"] or "unavailable" in e["reason"] for e in named), fail
+        for e in ev:  # site_b's round-2 update never reaches a later round's aggregate
+            if e["event"] == "aggregated" and e["round"] > 2:
+                assert "site_a" in e["sites"]
+        finished = [e for e in ev if e["event"] == "run_finished"]
+        assert finished and 2 not in finished[-1]["failed_rounds"]
+        r2 = next(e for e in ev if e["event"] == "round_finished" and e["round"] == 2)
+        assert r2["seconds"] <= DEADLINE_S + 15
+    finally:
+        for proc in reversed(procs):
+            proc.stop(grace=5)
+
+
+def test_a_proxy_whose_coordinator_is_not_up_yet_makes_the_site_wait_not_exit(tmp_path, caplog):
+    """A TCP proxy in front of a coordinator that is not up accepts, then closes: the site's
+    preflight says so and lets the SuperNode keep trying (it used to exit, "may not speak TLS")."""
+    import socket
+    import threading
+
+    from tdamil.client.site import check_connection
+    from tdamil.security.certs import init_pki
+
+    pki = init_pki(tmp_path / "certs", ["localhost"])
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    stop = threading.Event()
+
+    def proxy() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            conn.close()  # no backend: close at once
+
+    thread = threading.Thread(target=proxy, daemon=True)
+    thread.start()
+    try:
+        with caplog.at_level("WARNING"):
+            assert check_connection(f"127.0.0.1:{port}", pki.ca_cert, timeout=5) is False
+    finally:
+        stop.set()
+        thread.join(5)
+        srv.close()
+    assert "closed it without answering the TLS handshake" in caplog.text and "keep trying" in caplog.text
