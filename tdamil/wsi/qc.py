@@ -5,9 +5,15 @@ They are drawn on a thumbnail read from the slide at :data:`QC_LONG_SIDE` pixels
 computed on. Three pictures per slide, so each can be checked on its own:
 
 * ``<slide_id>.jpg``       the thumbnail, the tissue outline (green) and the encoded patches (blue;
-                           patches padded past the slide's edge in orange), with a caption;
-* ``<slide_id>_mask.png``  the tissue mask alone (white = tissue), same size;
-* ``<slide_id>_grid.jpg``  the thumbnail with the patch grid alone.
+                           patches padded past the slide's edge in orange), with a caption bar that
+                           names the slide, counts the patches and says what each colour means;
+* ``<slide_id>_mask.png``  the tissue mask alone (white = tissue), same size; a data picture that
+                           other tools read as a mask, so it carries no legend;
+* ``<slide_id>_grid.jpg``  the thumbnail with the patch grid alone, its legend in a box in the
+                           corner with the fewest patches and least tissue.
+
+A padded patch reaches past the slide's right or bottom edge; the part outside the scan is encoded
+as white, so such a patch shows less tissue than its square suggests.
 
 The two pictures of tissue are JPEG (quality 90, no chroma subsampling, so thin coloured lines keep
 their colour): about 0.7 MB each instead of 2.5 MB as PNG, which matters across thousands of slides.
@@ -29,7 +35,7 @@ from tdamil.atomic import atomic_path
 from .reader import Slide
 from .tissue import TissueMask
 
-__all__ = ["QC_LONG_SIDE", "qc_thumbnail", "mask_at", "qc_images", "save_qc_pictures", "save_picture"]
+__all__ = ["QC_LONG_SIDE", "LEGEND", "qc_thumbnail", "mask_at", "qc_images", "save_qc_pictures", "save_picture"]
 
 #: Long side of the QC pictures in pixels (at least 1000; smaller slides are drawn at their size).
 QC_LONG_SIDE = 1500
@@ -57,10 +63,48 @@ def _draw_grid(img: np.ndarray, coords: np.ndarray, padded: np.ndarray, ps0: int
         cv2.rectangle(img, (x0, y0), (x0 + side - 1, y0 + side - 1), PADDED_RGB if pad else PATCH_RGB, thick)
 
 
+#: (colour, meaning) of every mark on the QC pictures
+LEGEND = ((TISSUE_RGB, "tissue outline"), (PATCH_RGB, "encoded patch"),
+          (PADDED_RGB, "patch padded past the slide's edge (white outside)"))
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def _legend_line(img: np.ndarray, x: int, y: int, items: tuple, scale: float) -> None:
+    """Colour swatches with their meaning, left to right, baseline ``y``."""
+    side = max(6, int(round(14 * scale / 0.45)))
+    for rgb, text in items:
+        cv2.rectangle(img, (x, y - side + 2), (x + side, y + 2), rgb, thickness=cv2.FILLED)
+        x += side + 4
+        cv2.putText(img, text, (x, y), _FONT, scale, (0, 0, 0), 1, cv2.LINE_AA)
+        x += cv2.getTextSize(text, _FONT, scale, 1)[0][0] + 14
+
+
 def _caption(img: np.ndarray, text: str) -> np.ndarray:
+    """A 32 px bar above the picture: the title on the first line, the colours' meaning on the second."""
     bar = np.full((32, img.shape[1], 3), 255, np.uint8)
-    cv2.putText(bar, text, (6, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
+    scale = 0.42
+    cv2.putText(bar, text, (6, 13), _FONT, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    _legend_line(bar, 6, 28, LEGEND, scale * 0.95)
     return np.concatenate([bar, img], axis=0)
+
+
+def _legend_box(img: np.ndarray, busy: np.ndarray, items: tuple) -> None:
+    """The legend in a white box in the corner where ``busy`` (patches, tissue) is least."""
+    scale = max(0.4, min(0.8, img.shape[1] / 2500))
+    line_h = int(round(24 * scale / 0.45))
+    w = max(cv2.getTextSize(t, _FONT, scale, 1)[0][0] for _, t in items) + line_h + 24
+    h = line_h * len(items) + 10
+    H, W = img.shape[:2]
+    if w >= W or h >= H:
+        return
+    corners = [(0, 0), (W - w, 0), (0, H - h), (W - w, H - h)]
+    x0, y0 = min(corners, key=lambda c: busy[c[1]:c[1] + h, c[0]:c[0] + w].sum())
+    if busy[y0:y0 + h, x0:x0 + w].max(initial=0) > 255:  # every corner would hide a patch: the caption says it
+        return
+    cv2.rectangle(img, (x0, y0), (x0 + w - 1, y0 + h - 1), (255, 255, 255), thickness=cv2.FILLED)
+    cv2.rectangle(img, (x0, y0), (x0 + w - 1, y0 + h - 1), (120, 120, 120), 1)
+    for i, item in enumerate(items):
+        _legend_line(img, x0 + 8, y0 + 6 + line_h * (i + 1) - 6, (item,), scale)
 
 
 def qc_images(thumb: np.ndarray, ds: float, tissue: TissueMask, coords: np.ndarray, patch_size_level0: int,
@@ -72,6 +116,9 @@ def qc_images(thumb: np.ndarray, ds: float, tissue: TissueMask, coords: np.ndarr
     grid = np.ascontiguousarray(thumb[..., :3], dtype=np.uint8).copy()
     _draw_grid(grid, coords, padded, patch_size_level0, ds)
     overlay = grid.copy()
+    if title is not None:
+        busy = mask.astype(np.int64) + 255 * 4 * np.any(grid != thumb[..., :3], axis=2)  # patches weigh more
+        _legend_box(grid, busy, ((PATCH_RGB, "encoded patch"), (PADDED_RGB, "padded past the edge")))
     contours, _ = cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
     cv2.drawContours(overlay, contours, -1, TISSUE_RGB, thickness=max(2, round(max(h, w) / 500)), lineType=cv2.LINE_AA)
     if title is not None:
