@@ -41,7 +41,9 @@ class ExtractionConfig:
     precision:            ``auto`` (bf16/fp16 autocast on GPU, fp32 on CPU), ``fp32``, ``fp16``, ``bf16``.
     patch_size:           patch side in pixels at the target magnification (default 512).
     target_magnification: 20.0 (= 0.5 um/px; magnification = 10 / mpp).
-    min_tissue:           keep grid cells with at least this tissue fraction (default 0.25).
+    min_tissue:           keep grid cells with at least this tissue fraction (default 0.1: a 512 px
+                          patch at 20x then still shows about 6,500 um^2 of tissue; at 0.25 edge
+                          cells of epithelium and thin strands were lost, benchmarks/tissue.md).
     mpp_overrides:        ``{slide_id: microns_per_pixel}`` for slides whose files lack or misstate
                           their resolution (a manifest ``mpp`` column works too; this wins).
     backend:              ``openslide`` (default), ``tiffslide`` (optional extra) or ``auto``.
@@ -64,7 +66,7 @@ class ExtractionConfig:
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     patch_size: int = 512
     target_magnification: float = 20.0
-    min_tissue: float = 0.25
+    min_tissue: float = 0.1
     mpp_overrides: dict[str, float] = field(default_factory=dict)
     backend: Literal["auto", "openslide", "tiffslide"] = "openslide"
     tissue: TissueConfig = field(default_factory=TissueConfig)
@@ -86,7 +88,7 @@ class ExtractionConfig:
         if not 0.0 < self.target_magnification <= 200.0:
             raise ValueError("target_magnification must be in (0, 200], e.g. 20 for 0.5 um/px")
         if not 0.0 <= self.min_tissue <= 1.0:
-            raise ValueError("min_tissue must be between 0 and 1 (default 0.25)")
+            raise ValueError("min_tissue must be between 0 and 1 (default 0.1)")
         for sid, mpp in self.mpp_overrides.items():
             if not 0.05 <= float(mpp) <= 20.0:
                 raise ValueError(f"mpp_overrides.{sid} = {mpp} is not a plausible um/px (0.25 for 40x, 0.5 for 20x)")
