@@ -52,7 +52,7 @@ def test_a_folder_of_slides_is_enough(extracted, tmp_path):
            "extraction": {"encoder": "tiny", "num_workers": 0, "qc": False}}
     (tmp_path / "site.yaml").write_text(yaml.safe_dump(cfg))
     assert cli_main(["--config", str(tmp_path / "site.yaml"), "--no-progress", "--log-level", "WARNING"]) == 0
-    assert read_features(tmp_path / "f" / "cmu.h5").features.shape[0] == 12
+    assert read_features(tmp_path / "f" / "cmu.h5").features.shape[0] == 17
     del cfg["data"]["slides_dir"]
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
     assert cli_main(["--config", str(tmp_path / "bad.yaml"), "--no-progress"]) == 2

@@ -104,7 +104,7 @@ def plan_read(slide: Slide, patch_size: int = 512, target_mpp: float = 0.5, snap
 
 
 def tissue_grid(
-    dimensions: tuple[int, int], patch_size_level0: int, tissue: TissueMask, min_tissue: float = 0.25
+    dimensions: tuple[int, int], patch_size_level0: int, tissue: TissueMask, min_tissue: float = 0.1
 ) -> tuple[np.ndarray, np.ndarray]:
     """Level-0 top-left coordinates of the grid cells with at least ``min_tissue`` tissue.
 
