@@ -35,10 +35,11 @@ MODELS = {
 
 
 def bags(generator: str, seed: int):
-    if generator == "wsi_like":
+    if generator in ("wsi_like", "digits"):
         from tdamil.data.digits import DigitsBagsConfig, make_digits_bags
 
-        b = make_digits_bags(DigitsBagsConfig.wsi_like(num_train_bags=80, num_val_bags=80, num_test_bags=300, seed=seed))
+        make = DigitsBagsConfig.wsi_like if generator == "wsi_like" else DigitsBagsConfig
+        b = make_digits_bags(make(num_train_bags=80, num_val_bags=80, num_test_bags=300, seed=seed))
         return b.train, b.val, b.test
     from benchmarks.slide_bags import make_slide_bags
 

@@ -115,3 +115,20 @@ class CheckpointStore:
                              "output folder.")
         self.best = ckpt.get("best")
         return ckpt
+
+
+def archive_previous_run(out_dir: Path) -> Path:
+    """A fresh run in a folder holding a finished or interrupted one: move the old run's
+    checkpoints, plots, audit log and metrics aside to ``previous/<time>/``; returns that folder."""
+    import shutil  # noqa: PLC0415
+    from datetime import datetime  # noqa: PLC0415
+
+    dest = Path(out_dir) / "previous" / datetime.now().strftime("%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("checkpoints", "plots", "audit.jsonl", "metrics.jsonl", "metrics.csv"):
+        src = Path(out_dir) / name
+        if src.exists():
+            shutil.move(str(src), str(dest / name))
+    logger.warning("%s held a previous run (not resumed): moved it to %s. Use --resume to continue a run.",
+                   out_dir, dest)
+    return dest

@@ -48,7 +48,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from tdamil.federation.audit import AuditLog
-from tdamil.federation.checkpoint import CheckpointStore
+from tdamil.federation.checkpoint import CheckpointStore, archive_previous_run
 from tdamil.federation.config import CheckpointConfig, FederationConfig
 from tdamil.federation.grids import PatientGrid, SitesUnavailableError
 from tdamil.federation.history import MetricsHistory, plot_learning_curves
@@ -176,7 +176,8 @@ class RoundLoop:
         elif resume:
             logger.warning("--resume given but %s does not exist: starting at round 1.", self.store.last_path)
         elif self.store.last_path.exists():
-            self._archive_previous_run()
+            archive_previous_run(self.out_dir)
+            self.store.best = None
         self.audit.run_started(rounds=self.fed.rounds, start_round=start, strategy=self.fed.strategy,
                                min_sites=self.fed.min_sites, local_epochs=self.fed.local_epochs, lr=self.fed.lr,
                                model_spec=self.model_spec, global_model_bytes=initial_arrays.count_bytes())
@@ -309,21 +310,6 @@ class RoundLoop:
                            self.store.last_path, self.audit.path)
         else:
             logger.info("%s matches the sha256 recorded in %s.", self.store.last_path, self.audit.path)
-
-    def _archive_previous_run(self) -> None:
-        """A fresh run in a folder holding a finished/interrupted one: keep the old one aside."""
-        import shutil  # noqa: PLC0415
-        from datetime import datetime  # noqa: PLC0415
-
-        dest = self.out_dir / "previous" / datetime.now().strftime("%Y%m%d-%H%M%S")
-        dest.mkdir(parents=True, exist_ok=True)
-        for name in ("checkpoints", "plots", "audit.jsonl", "metrics.jsonl", "metrics.csv"):
-            src = self.out_dir / name
-            if src.exists():
-                shutil.move(str(src), str(dest / name))
-        self.store.best = None
-        logger.warning("%s held a previous run (not resumed): moved it to %s. Use --resume to continue a run.",
-                       self.out_dir, dest)
 
     # ---------------------------------------------------------------------------------------
     def _best_value(self, site_eval: dict[str, float], heldout: dict[str, dict[str, float]]) -> float | None:

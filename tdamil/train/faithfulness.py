@@ -12,8 +12,9 @@ For a bag predicted positive (probability ``p0 >= 0.5`` of the positive class, n
   (ties broken at random: TDA-MIL gives many patches ``s_i = 0``);
 * ``random(k)``: the mean positive probability after removing ``k`` random patches (``draws``
   draws);
-* for ``k = max(1, round(f n))``, ``f`` in :data:`FRACTIONS` (1-10 % of the bag: evidence on a slide
-  is rare), the bag's **deletion gap** is the mean of ``random(k) - ordered(k)``.
+* for ``k = max(1, round(f n))``, ``f`` in :data:`FRACTIONS` (1 % to half of the bag: evidence on a
+  slide may be rare or cover a third of it), the bag's **deletion gap** is the mean of
+  ``random(k) - ordered(k)``.
 
 A faithful map has a clearly positive gap on most such bags; a map on the wrong patches has a gap
 near 0 (its top patches are as good as random ones). :func:`check_model` summarises a model over up
@@ -22,8 +23,11 @@ sign test) and gives a verdict; :func:`check_bag` does one slide (``tdamil-predi
 check applies to any model with per-patch scores (TDA-MIL ``s_i``, ABMIL attention), so maps are
 comparable across models; models without scores get no verdict.
 
-The thresholds (:data:`MIN_GAP`, :data:`MAX_P`) were chosen on validation bags
-(benchmarks/faithfulness.md), never on instance labels of test data.
+The thresholds (:data:`MIN_GAP`, :data:`MAX_P`) were set after a first benchmark run
+(benchmarks/faithfulness.md: faithful maps scored gaps of 0.28-0.85 on three generators, maps on
+the wrong patches -0.02 to 0.16) and confirmed on new seeds; they are properties of MIL models that
+classify by their evidence, and a model whose prediction rests on context more than on its top
+patches will be flagged, which is what the flag is for.
 """
 
 from __future__ import annotations
@@ -39,8 +43,8 @@ from tdamil.train.runtime import logits_of
 
 __all__ = ["FRACTIONS", "MIN_GAP", "MAX_P", "BagDeletion", "Faithfulness", "check_bag", "check_model"]
 
-FRACTIONS = (0.01, 0.02, 0.05, 0.1)
-MIN_GAP = 0.1  # mean deletion gap (probability) a faithful map reaches
+FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+MIN_GAP = 0.2  # mean deletion gap (probability) a faithful map reaches
 MAX_P = 0.05  # one-sided sign test over bags: gap > 0 more often than chance
 
 
