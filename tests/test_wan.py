@@ -152,3 +152,18 @@ def test_a_proxy_whose_coordinator_is_not_up_yet_makes_the_site_wait_not_exit(tm
         thread.join(5)
         srv.close()
     assert "closed it without answering the TLS handshake" in caplog.text and "keep trying" in caplog.text
+
+
+def test_a_site_says_when_it_missed_a_round_and_a_stale_token_is_not_worded_as_an_attack():
+    from tdamil.federation.supernode import _RunState
+
+    state = _RunState()
+    failed = ("2026-12-06 19:08:43 ERROR flower-supernode: Failed to send message 69ec45f4: Client error "
+              "'408 Request Timeout' for url 'http://127.0.0.1:9092/api/v0/fleet/push-object'\n")
+    state.note(failed)
+    shown = state.reword(failed)
+    assert shown.startswith(failed) and "this site missed the round: its reply did not reach the coordinator" in shown
+    assert "408 Request Timeout" in shown.splitlines()[1] and "next round" in shown
+    stale = "2026-12-06 19:09:00 ERROR flower-superexec: Runtime task-token authentication failed.\n"
+    shown = state.reword(stale)
+    assert "ERROR" not in shown and "Expected after a coordinator restart" in shown

@@ -44,7 +44,7 @@ HOLD_BYTES = 256 * 1024  # what a cut relay buffers per direction before it stop
 
 
 def _run(*cmd: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
 
 
 def namespaces_allowed() -> str | None:
@@ -62,7 +62,7 @@ def namespaces_allowed() -> str | None:
 def loss_bytecode(port: int, loss: float) -> str:
     """Classic BPF for ``tc filter ... bpf bytecode``: match (the packet goes to the dropping class) a
     ``loss`` fraction of the TCP segments from or to ``port`` (L2 header of 14 bytes on lo)."""
-    threshold = min(0xFFFFFFFF, int(round((1.0 - loss) * 2**32)))
+    threshold = min(0xFFFFFFFF, round((1.0 - loss) * 2**32))
     prog = [
         (0x30, 0, 0, 23),           # ldb [23]: IP protocol
         (0x15, 0, 8, 6),            # TCP, else no match
@@ -116,6 +116,11 @@ class Link:
         self._arms += 1
         self._control(arm={"id": self._arms, "after_up_bytes": int(nbytes), "seconds": float(seconds)})
 
+    def turn_times(self) -> list[float]:
+        """When each request -> answer turn on this line happened (``time.time()``)."""
+        path = self.status_path.with_name("turns.log")
+        return [float(x) for x in path.read_text().split()] if path.exists() else []
+
     def status(self) -> dict:
         try:
             return json.loads(self.status_path.read_text())
@@ -162,10 +167,10 @@ class Wan:
         folder = self.workdir / f"link_{site}"
         folder.mkdir(exist_ok=True)
         link = Link(site, port, spec, folder / "control.json", folder / "status.json")
-        for stale in (link.control, link.status_path):
+        for stale in (link.control, link.status_path, link.status_path.with_name("turns.log")):
             stale.unlink(missing_ok=True)
         if spec.rate_mbit is not None:
-            for j, (match, cls) in enumerate((("dport", 10 * k), ("sport", 10 * k + 1))):
+            for match, cls in (("dport", 10 * k), ("sport", 10 * k + 1)):
                 rate = f"{spec.rate_mbit}mbit"
                 self._check(self.ns("tc", "class", "add", "dev", "lo", "parent", "1:", "classid", f"1:{cls}", "htb",
                                     "rate", rate, "ceil", rate))
@@ -215,6 +220,7 @@ class _Relay:
         self.cut_until = 0.0
         self.up = self.down = self.connections = 0
         self.turns = 0  # request -> answer turns: downstream data after upstream data on one connection
+        self.turn_times: list[float] = []  # when each turn happened (appended to turns.log)
         self.cuts: list[list[float]] = []
         self.armed: dict | None = None
         self.arm_seen = 0
@@ -225,7 +231,6 @@ class _Relay:
     def pump(self, src: socket.socket, dst: socket.socket, upward: bool, last: list[str]) -> None:
         queue: collections.deque = collections.deque()
         held = [0]
-        done = threading.Event()
 
         def reader() -> None:
             try:
@@ -263,13 +268,14 @@ class _Relay:
                         self._maybe_cut()
                     else:
                         self.down += len(data)
-                        self.turns += last[0] == "up"
+                        if last[0] == "up":
+                            self.turns += 1
+                            self.turn_times.append(time.time())
                     last[0] = "up" if upward else "down"
                     self.lock.notify_all()
         except OSError:
             pass
         finally:
-            done.set()
             for s in (src, dst):
                 try:
                     s.shutdown(socket.SHUT_RDWR)
@@ -313,6 +319,10 @@ class _Relay:
                          "cuts": self.cuts,
                          "armed": self.armed is not None, "cut": self.cut_now()}
                 self.lock.notify_all()
+                times, self.turn_times = self.turn_times, []
+            if times:
+                with open(self.status.with_name("turns.log"), "a", encoding="ascii") as fh:
+                    fh.write("".join(f"{t:.3f}\n" for t in times))
             tmp = self.status.with_suffix(".tmp")
             tmp.write_text(json.dumps(state))
             os.replace(tmp, self.status)

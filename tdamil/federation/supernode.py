@@ -44,6 +44,12 @@ _GONE_MARKERS = ("Connection refused", "Connection attempt failed", "Giving up r
                  "could not establish a connection to the SuperLink", "ref-exit-codes/305")
 _GONE_FOR_GOOD = ("Giving up reconnection", "Exit Code: 305", "Connection refused")
 RUN_FINISHED_LINE = "run finished; waiting for the next run"
+# Flower's lines for a message this site could not finish, and what they mean for the round.
+_MISSED = {"Failed to send message": "its reply did not reach the coordinator",
+           "Failed to receive message": "the coordinator's instruction did not arrive completely"}
+# After a coordinator restart (or a finished run) a process of the old run asks with its old task
+# token and is refused: Flower says "authentication failed" / 401, which reads like an attack.
+_STALE_TOKEN = ("task-token authentication failed",)
 
 
 class SuperNodeRejected(RuntimeError):
@@ -75,7 +81,19 @@ class _RunState:
             self.waiting = False
 
     def reword(self, line: str) -> Optional[str]:
-        """The line to echo: unchanged, :data:`RUN_FINISHED_LINE` (once per wait) or None (quiet)."""
+        """The line to echo: unchanged, :data:`RUN_FINISHED_LINE` (once per wait), an operator's
+        reading of it (a missed round, a stale task token) or None (quiet)."""
+        now = time.strftime('%Y-%m-%d %H:%M:%S')
+        if any(m in line for m in _STALE_TOKEN):
+            return (f"{now} INFO tdamil.client: a process of an earlier run asked this site's SuperNode with its old "
+                    "task token and was refused (Flower: Runtime task-token authentication failed / 401). Expected "
+                    "after a coordinator restart or a finished run; nothing to do.\n")
+        missed = next((why for marker, why in _MISSED.items() if marker in line), None)
+        if missed is not None:
+            reason = line.split(": ", 2)[-1].strip() if line.count(": ") >= 2 else line.strip()
+            return line + (f"{now} WARNING tdamil.client: this site missed the round: {missed} ({reason}). The "
+                           "coordinator counts it as missing when the round's deadline passes "
+                           "(federation.round_timeout_s); the site takes part again from the next round.\n")
         if self.waiting:
             return None if any(m in line for m in _GONE_MARKERS) or not line.strip() else line
         if self.replied and not self.busy and any(m in line for m in _GONE_FOR_GOOD):
