@@ -25,6 +25,13 @@ class DigitsSitesConfig:
     num_sites: number of sites; label_skew / size_skew: how much the sites' positive share and
     bag size differ; site_test_bags: test bags per site; held_out_fraction: share of the images
     kept for the held-out cohort; bags: the bag settings (DigitsBagsConfig).
+    Hospital-like differences (null / 0 = off, the sites above):
+    site_train_bags: training bags of each site (one number per site; null = bags.num_train_bags);
+    site_positive_fractions / site_mean_bag_sizes: each site's positive share and mean bag size
+    (null = from label_skew / size_skew); feature_offset / feature_scale: scanner / stain shift, a
+    per-site (and held-out cohort) affine map of the features, x * exp(a) + b per feature with
+    a ~ N(0, feature_scale), b ~ N(0, feature_offset); site_split: shares of a site's images for its
+    train / val / test pools ([0.6, 0.2, 0.2]).
     """
 
     num_sites: int = 3
@@ -33,6 +40,22 @@ class DigitsSitesConfig:
     site_test_bags: int = 200
     held_out_fraction: float = 0.3
     bags: DigitsBagsConfig = field(default_factory=DigitsBagsConfig)
+    site_train_bags: Optional[list[int]] = None
+    site_positive_fractions: Optional[list[float]] = None
+    site_mean_bag_sizes: Optional[list[float]] = None
+    feature_offset: float = 0.0
+    feature_scale: float = 0.0
+    site_split: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
+
+    def __post_init__(self) -> None:
+        for key in ("site_train_bags", "site_positive_fractions", "site_mean_bag_sizes"):
+            values = getattr(self, key)
+            if values is not None and len(values) != self.num_sites:
+                raise ValueError(f"{key} has {len(values)} values but num_sites is {self.num_sites}; give one per site")
+        if self.feature_offset < 0 or self.feature_scale < 0:
+            raise ValueError("feature_offset and feature_scale must be >= 0 (0 = no scanner / stain shift)")
+        if len(self.site_split) != 3 or min(self.site_split) <= 0:
+            raise ValueError(f"site_split must be three positive shares (train, val, test), got {self.site_split}")
 
 
 @dataclass
@@ -141,6 +164,11 @@ class SimConfig:
     held-out cohorts never split (``tdamil.simulation.folds``, ``tdamil.simulation.crossval``);
     fold: run only this fold (0-based; null = all folds); fold_workers: folds run at once, each in its
     own process (one per core; in-process engine only).
+    seeds: [] = one run with the seeds written in the sections; a list = the whole simulation (and the
+    baselines) once per seed into ``<output_dir>/seed_<s>/``, seed s setting the digits bags' seed,
+    train.seed and federation.seed (sites, bags, initial weights and bag order all change), then the
+    summary over seeds (mean +- sd, paired tests over seeds and slides: ``seeds_summary.md``);
+    seed_workers: seeds run at once, each in its own process (one per core; in-process engine only).
     """
 
     model: dict[str, Any] = field(default_factory=lambda: {"name": "tdamil", "dim": 64, "depth": 1, "num_heads": 4})
@@ -159,6 +187,8 @@ class SimConfig:
     folds: int = 0
     fold: Optional[int] = None
     fold_workers: int = 1
+    seeds: list[int] = field(default_factory=list)
+    seed_workers: int = 1
 
     def __post_init__(self) -> None:
         # One source for the device: what the sites reserve. A contradicting train.device is an
@@ -185,5 +215,18 @@ def load_sim_config(path: str | Path, overrides: dict[str, Any] | None = None) -
                           "folds >= 2, or remove 'fold'.")
     if cfg.fold_workers < 1 or (cfg.fold_workers > 1 and cfg.engine == "ray"):
         raise ConfigError(f"{path}: 'fold_workers' is {cfg.fold_workers}; use >= 1, and 1 with engine: ray (Ray "
+                          "runs the sites in parallel itself).")
+    if cfg.seeds and (len(set(cfg.seeds)) != len(cfg.seeds) or cfg.folds >= 2):
+        raise ConfigError(f"{path}: 'seeds' is {cfg.seeds}; give distinct seeds, and not together with folds "
+                          "(cross-validation already repeats the run).")
+    d = cfg.data.digits
+    hospital = [k for k, off in (("site_train_bags", None), ("site_positive_fractions", None), ("site_mean_bag_sizes", None),
+                                 ("feature_offset", 0.0), ("feature_scale", 0.0), ("site_split", [0.6, 0.2, 0.2]))
+                if getattr(d, k) != off]
+    if cfg.folds >= 2 and cfg.data.source == "digits" and hospital:
+        raise ConfigError(f"{path}: 'data.digits.{hospital[0]}' is set but cross-validation (folds: {cfg.folds}) builds "
+                          "its folds from the plain digits sites; remove it or set folds: 0.")
+    if cfg.seed_workers < 1 or (cfg.seed_workers > 1 and cfg.engine == "ray"):
+        raise ConfigError(f"{path}: 'seed_workers' is {cfg.seed_workers}; use >= 1, and 1 with engine: ray (Ray "
                           "runs the sites in parallel itself).")
     return cfg

@@ -33,7 +33,10 @@ def build_sites(cfg: SimConfig) -> SimSites:
     if cfg.data.source == "digits":
         d = cfg.data.digits
         made = make_digits_sites(d.bags, d.num_sites, label_skew=d.label_skew, size_skew=d.size_skew,
-                                 site_test_bags=d.site_test_bags, held_out_fraction=d.held_out_fraction)
+                                 site_test_bags=d.site_test_bags, held_out_fraction=d.held_out_fraction,
+                                 site_train_bags=d.site_train_bags, site_positive_fractions=d.site_positive_fractions,
+                                 site_mean_bag_sizes=d.site_mean_bag_sizes, feature_offset=d.feature_offset,
+                                 feature_scale=d.feature_scale, site_split=tuple(d.site_split))
         sites = {name: SiteData(name, s.train, s.val, s.test, extra=dict(s.info)) for name, s in made.items()}
         first = next(iter(made.values())).train
         return SimSites(sites, {"held_out": made.held_out}, int(first.in_dim))

@@ -105,3 +105,79 @@ def test_ray_engine_runs_the_same_apps(tmp_path):
     events = [json.loads(x) for x in (tmp_path / "ray" / "audit.jsonl").read_text().splitlines()]
     agg = [e for e in events if e["event"] == "aggregated"]
     assert agg and sorted(agg[0]["sites"]) == ["site_a", "site_b"]
+
+
+def test_digits_sites_can_differ_like_hospitals():
+    """Per-site training-set sizes, positive shares, bag sizes and a scanner / stain shift (an affine
+    map of the features per hospital, the held-out cohort one more); off by default, the same bags."""
+    import numpy as np
+
+    from tdamil.data.digits import DigitsBagsConfig, make_digits_sites
+
+    cfg = DigitsBagsConfig(num_train_bags=20, num_val_bags=10, num_test_bags=40, seed=2)
+    plain = make_digits_sites(cfg, 3, site_test_bags=30)
+    kw = dict(site_train_bags=[8, 20, 40], site_positive_fractions=[0.2, 0.5, 0.7], site_mean_bag_sizes=[6, 10, 16])
+    same = make_digits_sites(cfg, 3, site_test_bags=30, **kw)
+    shifted = make_digits_sites(cfg, 3, site_test_bags=30, feature_offset=0.2, feature_scale=0.3, **kw)
+    assert [len(s.train) for s in same.values()] == [8, 20, 40]
+    assert [round(np.mean(s.test.labels), 1) for s in same.values()] == [0.2, 0.5, 0.7]
+    sizes = [np.mean(s.test.bag_sizes) for s in same.values()]
+    assert sizes[0] < 8 < sizes[1] < 12 < sizes[2]
+    # defaults keep the old sites bag for bag
+    assert torch.equal(make_digits_sites(cfg, 3, site_test_bags=30)["site_b"].train[3].features,
+                       plain["site_b"].train[3].features)
+    maps = []
+    for name in ("site_a", "site_c"):  # the shift changes the features only: same bags, same labels
+        x0, x1 = same[name].test[0].features.numpy(), shifted[name].test[0].features.numpy()
+        assert shifted[name].test.labels == same[name].test.labels and not np.allclose(x0, x1)
+        both = np.vstack([same[name].test[i].features.numpy() for i in range(len(same[name].test))])
+        seen = np.vstack([shifted[name].test[i].features.numpy() for i in range(len(shifted[name].test))])
+        col = int(np.argmax(both.std(0)))  # one feature: x -> x * s + o with s > 0
+        s, o = np.polyfit(both[:, col], seen[:, col], 1)
+        assert s > 0 and np.allclose(both[:, col] * s + o, seen[:, col], atol=1e-5)
+        maps.append((round(s, 4), round(o, 4)))
+    assert maps[0] != maps[1]  # each hospital its own map
+    held0, held1 = same.held_out[0].features.numpy(), shifted.held_out[0].features.numpy()
+    assert held0.shape == held1.shape and not np.allclose(held0, held1)
+    with pytest.raises(ValueError, match="one value per site"):
+        make_digits_sites(cfg, 3, site_train_bags=[8, 20])
+
+
+def test_seeds_run_the_simulation_once_per_seed_with_a_summary(tmp_path):
+    import json
+
+    cfg = {
+        "output_dir": str(tmp_path / "sim"), "seeds": [0, 1],
+        "model": {"name": "tdamil", "dim": 16, "depth": 1, "num_heads": 2},
+        "data": {"source": "digits", "digits": {
+            "num_sites": 2, "site_test_bags": 16, "site_train_bags": [6, 10], "site_positive_fractions": [0.3, 0.6],
+            "feature_offset": 0.1, "feature_scale": 0.1,
+            "bags": {"num_train_bags": 8, "num_val_bags": 4, "num_test_bags": 16, "mean_bag_size": 5}}},
+        "federation": {"rounds": 1, "lr": 0.002, "min_sites": 2},
+        "train": {"device": "cpu", "progress": False},
+    }
+    _simulate(tmp_path / "sim.yaml", cfg)
+    out = tmp_path / "sim"
+    runs = [json.loads((out / f"seed_{s}" / "comparison.json").read_text()) for s in (0, 1)]
+    assert runs[0]["rows"][0]["federated_auroc"] != runs[1]["rows"][0]["federated_auroc"]  # another draw
+    doc = json.loads((out / "seeds_summary.json").read_text())
+    assert doc["seed_values"] == [0, 1] and [r["seed"] for r in doc["per_seed"]] == [0, 1]
+    fed = doc["site_mean_auroc"]["federated_auroc"]
+    assert fed["seeds"] == [r["site_mean_auroc"]["federated_auroc"] for r in runs]
+    assert abs(fed["mean"] - sum(fed["seeds"]) / 2) < 1e-12 and fed["sd"] >= 0
+    pooled = {(p["evaluated_on"], p["a"], p["b"]): p for p in doc["pooled_pairs"]}
+    p = pooled[("site_a", "federated", "local_own")]
+    assert len(p["auroc_diff_per_seed"]) == 2 and p["auroc_diff_p_holm"] >= p["auroc_diff_p"]
+    assert "Paired tests over seeds and slides" in (out / "seeds_summary.md").read_text()
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(dict(cfg, seeds=[1, 1])))
+    assert main(["--config", str(path)]) == 2  # repeated seeds: a clear error
+
+
+def test_pooled_difference_widens_with_disagreeing_seeds():
+    from tdamil.simulation.compare import pooled_difference
+
+    agree = pooled_difference([0.10, 0.09, 0.11], [0.03, 0.03, 0.03])
+    assert agree["tau2"] == 0 and abs(agree["estimate"] - 0.10) < 1e-9 and agree["p"] < 1e-6
+    split = pooled_difference([0.10, -0.08, 0.12], [0.03, 0.03, 0.03])
+    assert split["tau2"] > 0 and split["high"] - split["low"] > agree["high"] - agree["low"] and split["p"] > 0.05

@@ -22,7 +22,8 @@ Every bag carries instance labels (1 = the target digit), so per-patch scores ca
 
 :func:`make_digits_sites` splits the digits between simulated hospitals with different label
 balance and bag sizes (non-IID), each with its own train/val/test, plus a held-out cohort from images
-no site has, for server-side evaluation.
+no site has, for server-side evaluation; optionally with per-site training-set sizes and a per-site
+scanner / stain shift of the features (the held-out cohort being one more hospital).
 """
 
 from __future__ import annotations
@@ -257,12 +258,19 @@ def make_digits_sites(
     site_test_bags: int = 200,
     held_out_fraction: float = 0.3,
     site_names: Optional[list[str]] = None,
+    site_train_bags: Optional[list[int]] = None,
+    site_positive_fractions: Optional[list[float]] = None,
+    site_mean_bag_sizes: Optional[list[float]] = None,
+    feature_offset: float = 0.0,
+    feature_scale: float = 0.0,
+    site_split: tuple[float, float, float] = (0.6, 0.2, 0.2),
 ) -> DigitsSites:
     """Non-IID simulated sites for federated training, plus a held-out cohort.
 
     The digit images are split (stratified, seeded by ``cfg.seed``) into a held-out pool
     (``held_out_fraction``) and one disjoint pool per site; each site's pool is split again into
-    train / val / test pools (60 / 20 / 20), so no image appears at two sites or in two parts.
+    train / val / test pools (``site_split``, 60 / 20 / 20 by default), so no image appears at two
+    sites or in two parts.
 
     Sites differ (linearly from the first to the last site):
 
@@ -272,6 +280,21 @@ def make_digits_sites(
     Each site has ``cfg.num_train_bags`` train, ``cfg.num_val_bags`` val and ``site_test_bags`` test
     bags; the held-out cohort has ``cfg.num_test_bags`` bags with the base settings. Site names are
     ``site_a``, ``site_b``, ... unless given.
+
+    Options that make sites differ the way hospitals do (their defaults keep the sites above, bag
+    for bag):
+
+    * ``site_train_bags``: training bags per site (one number per site) instead of ``cfg.num_train_bags``;
+    * ``site_positive_fractions`` / ``site_mean_bag_sizes``: each site's positive share and mean bag
+      size, given outright instead of through ``label_skew`` / ``size_skew``;
+    * ``feature_offset`` / ``feature_scale``: a scanner / stain shift. Each site, and the held-out
+      cohort as one more hospital, gets its own affine map of the 64 features,
+      ``x -> x * exp(a) + b`` with ``a ~ N(0, feature_scale)`` and ``b ~ N(0, feature_offset)`` per
+      feature, applied to all its bags (train, val and test alike). The maps come from their own
+      random stream, so the bags' images are the same with and without a shift;
+    * ``site_split``: the shares of a site's images for its train / val / test pools. A site's test
+      bags reuse its test pool's few target images (about 8 with the default split of 3 sites), so
+      a larger test share makes a site's test figures depend less on which images it drew.
 
     Returns:
         :class:`DigitsSites`: a dict ``{site: SiteSplits}`` with a ``held_out`` attribute.
@@ -284,8 +307,22 @@ def make_digits_sites(
         raise ValueError(f"site_names must hold {num_sites} distinct names, got {names}")
     if not 0 < held_out_fraction < 1:
         raise ValueError("held_out_fraction must be in (0, 1)")
+    per_site = {"site_train_bags": site_train_bags, "site_positive_fractions": site_positive_fractions,
+                "site_mean_bag_sizes": site_mean_bag_sizes}
+    for key, values in per_site.items():
+        if values is not None and len(values) != num_sites:
+            raise ValueError(f"{key} must hold one value per site ({num_sites}), got {list(values)}")
+    if site_train_bags is not None and min(site_train_bags) < 1:
+        raise ValueError(f"site_train_bags must be >= 1 each, got {list(site_train_bags)}")
+    if site_positive_fractions is not None and not all(0 < f < 1 for f in site_positive_fractions):
+        raise ValueError(f"site_positive_fractions must be in (0, 1) each, got {list(site_positive_fractions)}")
+    if feature_offset < 0 or feature_scale < 0:
+        raise ValueError("feature_offset and feature_scale must be >= 0")
+    if len(site_split) != 3 or min(site_split) <= 0:
+        raise ValueError(f"site_split must be three positive shares (train, val, test), got {list(site_split)}")
     images, digits = load_digit_images()
     rng = np.random.default_rng(cfg.seed)
+    shifts = _site_shifts(num_sites + 1, images.shape[1], feature_offset, feature_scale, cfg.seed)
     share = (1.0 - held_out_fraction) / num_sites
     pools = _stratified_pools(digits, [held_out_fraction] + [share] * num_sites, rng)
     held_pool, site_pools = pools[0], pools[1:]
@@ -294,15 +331,40 @@ def make_digits_sites(
         t = 0.0 if num_sites == 1 else (2.0 * i / (num_sites - 1) - 1.0)  # -1 .. +1
         pos_frac = float(np.clip(cfg.positive_fraction + label_skew * t, 0.05, 0.95))
         mean_size = max(float(cfg.min_bag_size), cfg.mean_bag_size * (1.0 + size_skew * t))
-        sub = _stratified_pools(digits[pool], [0.6, 0.2, 0.2], rng)
+        if site_positive_fractions is not None:
+            pos_frac = float(site_positive_fractions[i])
+        if site_mean_bag_sizes is not None:
+            mean_size = max(float(cfg.min_bag_size), float(site_mean_bag_sizes[i]))
+        n_train = cfg.num_train_bags if site_train_bags is None else int(site_train_bags[i])
+        seen = _shifted(images, shifts, i)
+        sub = _stratified_pools(digits[pool], [float(x) for x in site_split], rng)
         tr_pool, va_pool, te_pool = (pool[s] for s in sub)
         kw = dict(mean_bag_size=mean_size, positive_fraction=pos_frac)
         sites[name] = SiteSplits(
-            train=_draw_bags(images, digits, tr_pool, cfg.num_train_bags, cfg, rng, f"{name}_train", **kw),
-            val=_draw_bags(images, digits, va_pool, cfg.num_val_bags, cfg, rng, f"{name}_val", **kw) if cfg.num_val_bags else _empty(),
-            test=_draw_bags(images, digits, te_pool, site_test_bags, cfg, rng, f"{name}_test", **kw),
-            info={"positive_fraction": pos_frac, "mean_bag_size": mean_size, "images": int(len(pool))},
+            train=_draw_bags(seen, digits, tr_pool, n_train, cfg, rng, f"{name}_train", **kw),
+            val=_draw_bags(seen, digits, va_pool, cfg.num_val_bags, cfg, rng, f"{name}_val", **kw) if cfg.num_val_bags else _empty(),
+            test=_draw_bags(seen, digits, te_pool, site_test_bags, cfg, rng, f"{name}_test", **kw),
+            info={"positive_fraction": pos_frac, "mean_bag_size": mean_size, "images": int(len(pool)),
+                  "train_bags": n_train},
         )
-        logger.info("Digits site %s: positive share %.2f, mean bag size %.1f, %d images", name, pos_frac, mean_size, len(pool))
-    held = _draw_bags(images, digits, held_pool, cfg.num_test_bags, cfg, rng, "held_out")
+        logger.info("Digits site %s: %d train bags, positive share %.2f, mean bag size %.1f, %d images",
+                    name, n_train, pos_frac, mean_size, len(pool))
+    held = _draw_bags(_shifted(images, shifts, num_sites), digits, held_pool, cfg.num_test_bags, cfg, rng, "held_out")
     return DigitsSites(sites, held)
+
+
+def _site_shifts(n: int, dim: int, offset: float, scale: float, seed: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """Per-hospital log-scales and offsets ``[n, dim]`` (None without a shift), from a stream of
+    their own so that the bags' random draws do not depend on them."""
+    if offset == 0 and scale == 0:
+        return None
+    rng = np.random.default_rng([int(seed), 0x5CA1E])
+    return rng.normal(0.0, scale, size=(n, dim)), rng.normal(0.0, offset, size=(n, dim))
+
+
+def _shifted(images: np.ndarray, shifts: Optional[tuple[np.ndarray, np.ndarray]], k: int) -> np.ndarray:
+    """Hospital ``k``'s view of the images: ``x * exp(a_k) + b_k`` per feature."""
+    if shifts is None:
+        return images
+    log_scale, offset = shifts
+    return (images * np.exp(log_scale[k]) + offset[k]).astype(np.float32)
