@@ -1,11 +1,12 @@
-"""The README's main-job figures are generated from the recorded run and a fresh run reproduces.
+"""The README's main-job figures are generated from the recorded run and a fresh run lands in them.
 
 * the README block equals what benchmarks/readme_figures.py renders from
   benchmarks/results/sim_digits.json (fails when someone edits one without the other);
 * the recorded run was made with the current configs/sim_digits.yaml (fails when the config changes
   and the figures were not regenerated: ``python benchmarks/readme_figures.py --run``);
-* the simulation is deterministic for a seed: two tiny runs give identical comparison.json files,
-  so regenerating reproduces the recorded numbers on the same code.
+* the simulation is deterministic for a seed: two tiny runs give identical comparison.json files;
+* a fresh main job (every seed) lands inside the quoted spread, mean +- 2 sd over seeds, for
+  federated, centralised and local-only (not one seed's digits: CPUs differ in float order).
 """
 
 from __future__ import annotations
@@ -60,3 +61,30 @@ def test_simulation_is_deterministic_for_a_seed(tmp_path):
         torch.set_num_threads(threads)
     assert docs[0] == docs[1]
     assert docs[0]["rows"][0]["federated_auroc_ci_low"] is not None
+
+
+def test_spread_check_flags_only_a_run_outside_mean_2sd():
+    fig = _figures()
+    ref = {"site_mean_auroc": {k: {"mean": 0.9, "sd": 0.01} for k in fig.MODELS}}
+    fresh = {"site_mean_auroc": {k: {"mean": 0.9, "sd": 0.0} for k in fig.MODELS}}
+    assert fig.outside_spread(ref, fresh) == []
+    fresh["site_mean_auroc"]["centralised_auroc"]["mean"] = 0.919
+    assert fig.outside_spread(ref, fresh) == []
+    fresh["site_mean_auroc"]["local_own_auroc"]["mean"] = 0.875
+    problems = fig.outside_spread(ref, fresh)
+    assert len(problems) == 1 and problems[0].startswith("local-only: 0.875")
+
+
+@pytest.mark.slow
+def test_fresh_main_job_lands_inside_the_quoted_spread(tmp_path):
+    """The whole main job (about a minute and a half on 2 cores), checked against the README's spread."""
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / "tdamil-simulate"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "tdamil.simulation.cli"]
+    subprocess.run(cmd + ["--config", str(REPO / "configs" / "sim_digits.yaml"), "--output-dir", str(tmp_path)],
+                   check=True, cwd=REPO, capture_output=True)
+    fig = _figures()
+    fresh = json.loads((tmp_path / "seeds_summary.json").read_text())
+    assert fig.outside_spread(json.loads(fig.RESULTS.read_text()), fresh) == []
