@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import traceback
@@ -199,11 +200,14 @@ class PatientGrid(Grid):
         """Pull one message's reply until it arrives, or until ``late_window`` after the deadline
         (a late reply is still pulled, so that it is audited and leaves the SuperLink)."""
         stop = deadline + (max(LATE_WINDOW_S, timeout) if timeout is not None else 0.0)
+        warned = -math.inf
         while timeout is None or time.monotonic() < stop:
             try:
                 replies = list(self.pull_messages([mid]))
             except Exception as exc:  # noqa: BLE001 - one site's pull must never end the round
-                logger.warning("Pulling the reply to %s failed (%s); trying again.", mid[:8], exc)
+                if time.monotonic() - warned > 30:
+                    warned = time.monotonic()
+                    logger.warning("Pulling the reply to %s failed (%s); trying again.", mid[:8], exc)
                 replies = []
             with self._lock:
                 for reply in replies:
