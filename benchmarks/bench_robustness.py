@@ -55,6 +55,8 @@ def attack(name: str):
             _edit(reply, lambda k, v: received[k] + factor * (v - received[k]) if factor < 100 else v * factor)
         elif name == "all-zero weights":
             _edit(reply, lambda k, v: np.zeros_like(v))
+        elif name == "absent":  # NaN weights: refused by the message contract, so site_e simply counts for nothing
+            _edit(reply, lambda k, v: np.full_like(v, np.nan))
     return tamper
 
 
