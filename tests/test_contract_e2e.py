@@ -24,11 +24,9 @@ log line each time it runs) runs once per site and run, not once per round.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +34,7 @@ import yaml
 
 from tdamil.federation.processes import ManagedProcess, flower_env
 from tdamil.net import free_port
+from federation_processes import audit_events, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -45,29 +44,6 @@ ENCODER = "digits-pixels"
 SHA = hashlib.sha256(b"digits-pixels weights v1").hexdigest()
 OTHER_SHA = hashlib.sha256(b"digits-pixels weights v2").hexdigest()
 GOOD = {"encoder": ENCODER, "weights_sha256": SHA, "target_magnification": 20, "patch_size": 512}
-
-
-def _events(out: Path) -> list[dict]:
-    path = out / "audit.jsonl"
-    if not path.exists():
-        return []
-    events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written
-            pass
-    return events
-
-
-def _wait(what: str, predicate, timeout: float, procs: list[ManagedProcess]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    logs = "\n\n".join(f"--- {p.name} ({p.log_path}) ---\n{p.tail(30)}" for p in procs)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{logs}")
 
 
 def _set_attrs(path: Path, attrs: dict) -> None:
@@ -137,9 +113,9 @@ def test_contract_and_versions_refuse_bad_sites_before_training(tmp_path):
             procs.append(ManagedProcess(name, [py, "-m", "tdamil.client.site", "--config", str(paths[name]),
                                                "--insecure", "--state-dir", str(tmp_path / "state" / name)],
                                         logs / f"{name}.log", env=env_e if name == "site_e" else env))
-        _wait("the run to finish", lambda: server.poll() is not None, 220, procs)
+        wait_for("the run to finish", lambda: server.poll() is not None, 220, procs)
         assert server.poll() == 0, server.tail(40)
-        ev = _events(out)
+        ev = audit_events(out)
         assert ev[-1]["event"] == "run_finished" and ev[-1]["failed_rounds"] == [], ev[-1]
 
         # site_a's update is aggregated in both rounds, and no bad site's ever is

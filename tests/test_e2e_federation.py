@@ -16,38 +16,15 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from tdamil.federation.processes import ManagedProcess, flower_env
 from tdamil.net import free_port
+from federation_processes import audit_events, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-def _events(out: Path) -> list[dict]:
-    path = out / "audit.jsonl"
-    if not path.exists():
-        return []
-    events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written
-            pass
-    return events
-
-
-def _wait(what: str, predicate, timeout: float, procs: list[ManagedProcess]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    logs = "\n\n".join(f"--- {p.name} ({p.log_path}) ---\n{p.tail(30)}" for p in procs)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{logs}")
 
 
 def _port_free(port: int) -> bool:
@@ -87,28 +64,28 @@ def test_real_processes_resume_and_a_site_dying_mid_round(tmp_path):
         procs.append(server)
         site_a, site_b = site("site_a"), site("site_b")
         procs += [site_a, site_b]
-        _wait("round 1 to start with both sites",
-              lambda: any(e["event"] == "round_started" and len(e["sampled_nodes"]) == 2 for e in _events(out)),
-              300, procs)
+        wait_for("round 1 to start with both sites",
+                 lambda: any(e["event"] == "round_started" and len(e["sampled_nodes"]) == 2 for e in audit_events(out)),
+                 300, procs)
         time.sleep(1.0)
         site_b.kill()  # site_b dies in the middle of round 1
-        _wait("round 1 checkpoint", lambda: (out / "checkpoints" / "round_0001.pt").exists(), 300, procs)
-        ev = _events(out)
+        wait_for("round 1 checkpoint", lambda: (out / "checkpoints" / "round_0001.pt").exists(), 300, procs)
+        ev = audit_events(out)
         r1 = [e for e in ev if e["event"] == "aggregated" and e["round"] == 1]
         assert r1 and r1[0]["sites"] == ["site_a"] and r1[0]["weights"] == {"site_a": 8}  # weight = train slides
         assert any(e["event"] == "failure" and e["round"] == 1 and e["phase"] == "train" for e in ev)
 
         server.kill()  # the coordinator crashes; its SuperLink and gateway go down with it
-        _wait("the coordinator's ports to be free", lambda: _port_free(fleet) and _port_free(internal), 60, procs)
+        wait_for("the coordinator's ports to be free", lambda: _port_free(fleet) and _port_free(internal), 60, procs)
         assert site_a.poll() is None  # the surviving site keeps (re)connecting
         text = paths["server"].read_text().replace("min_sites: 2", "min_sites: 1")
         paths["server"].write_text(text)
         resumed = coordinator("--resume")
         procs.append(resumed)
-        _wait("the resumed run to finish", lambda: resumed.poll() is not None, 400, procs)
+        wait_for("the resumed run to finish", lambda: resumed.poll() is not None, 400, procs)
         assert resumed.poll() == 0, resumed.tail(40)
 
-        ev = _events(out)
+        ev = audit_events(out)
         assert [e["next_round"] for e in ev if e["event"] == "resumed"] == [2]
         started = [e["round"] for e in ev if e["event"] == "round_started"]
         assert started.count(1) == 1 and started[-1] == 2  # round 1 is not redone after the restart

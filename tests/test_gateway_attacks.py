@@ -24,7 +24,6 @@ import importlib.util
 import os
 import re
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -41,6 +40,7 @@ from tdamil.net import free_port
 from tdamil.security.certs import init_pki, issue_site, load_site_public_key
 from tdamil.security.nodeauth import list_site_nodes
 from tdamil.server.gateway import FLEET_PATHS, REFUSED_BODY, refusal
+from federation_processes import stop_group
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -250,7 +250,7 @@ def gateway_process(upstream: str, log: Path, *flags: str, **popen) -> Iterator[
                 time.sleep(0.2)
         yield gateway, port
     finally:
-        _stop(gateway)
+        stop_group(gateway)
 
 
 def test_gateway_forwards_the_checked_path_to_its_upstream_and_nothing_else(tmp_path):
@@ -334,18 +334,6 @@ def superlink_state(world: dict) -> tuple[dict, dict]:
             {i: (r.status.status, r.status.sub_status) for i, r in runs.items()})
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
-
-
 def _env() -> dict:
     # Flower's switches for its legacy gRPC servers on [::] are set too: flwr-server must drop them
     return dict(os.environ, FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
@@ -407,7 +395,7 @@ def world(request, tmp_path_factory):
         world["gateway_log"] = next(root.rglob("gateway.log"))
         yield world
     finally:
-        _stop(server)
+        stop_group(server)
 
 
 def _judge(world: dict, answers: dict[str, tuple[int, bytes]], before: tuple[dict, dict], own_body: bool) -> None:
@@ -523,7 +511,7 @@ def assert_a_site_joins(world: dict, site: str, port: int, proxy_log: Path) -> s
             sockets = _listening(node.pid)
             assert sockets and all(ip == "127.0.0.1" for ip, _ in sockets), sockets  # its runtime API only
     finally:
-        _stop(node)
+        stop_group(node)
     time.sleep(1)  # the SuperNode's last calls (deactivate-node) reach the log
     with open(proxy_log, "rb") as fh:
         fh.seek(seen)
@@ -580,7 +568,7 @@ def nginx(world, tmp_path):
         check_proxy.wait_port(port)
         yield port, tmp_path / "tdamil-access.log"
     finally:
-        _stop(proc)
+        stop_group(proc)
 
 
 @pytest.mark.slow

@@ -160,6 +160,16 @@ def _hold(port: int, source: str, n: int) -> list[socket.socket]:
     return [socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) for _ in range(n)]
 
 
+def _refused_until_released(port: int, held: list[socket.socket]) -> None:
+    """With ``held`` filling the gateway a Fleet call gets 503; once they close it gets through again."""
+    time.sleep(0.3)
+    assert load.post(port)[0] == 503
+    for sock in held:
+        sock.close()
+    time.sleep(0.3)
+    assert load.post(port)[:2] == (200, b"upstream-ok")
+
+
 def test_connection_caps_per_address_and_in_all_refuse_and_log(sink, tmp_path):
     log = tmp_path / "gateway.log"
     with gateway_process(f"http://127.0.0.1:{sink.port}", log, "--max-per-address", "8", "--max-connections", "20",
@@ -169,12 +179,7 @@ def test_connection_caps_per_address_and_in_all_refuse_and_log(sink, tmp_path):
             assert extra.recv(4096).startswith(b"HTTP/1.1 429 Too Many Requests\r\n")
         assert load.post(port)[:2] == (200, b"upstream-ok")  # another address still gets through
         held += _hold(port, "127.0.0.78", 8) + _hold(port, "127.0.0.79", 4)  # 20 open in all
-        time.sleep(0.3)
-        assert load.post(port)[0] == 503
-        for sock in held:
-            sock.close()
-        time.sleep(0.3)
-        assert load.post(port)[:2] == (200, b"upstream-ok")
+        _refused_until_released(port, held)
     text = log.read_text()
     assert "Refused connection from 127.0.0.77: 8 connections open from this address (--max-per-address) (429)." \
         in text
@@ -200,12 +205,7 @@ def test_open_file_limit_is_raised_or_the_cap_lowered_to_fit(sink, tmp_path):
     with gateway_process(f"http://127.0.0.1:{sink.port}", log, "--header-timeout", "5",
                          preexec_fn=_nofile(256, 256)) as (gateway, port):
         held = [s for i in range(4) for s in _hold(port, f"127.0.0.{10 + i}", 24)]
-        time.sleep(0.3)
-        assert load.post(port)[0] == 503
-        for sock in held:
-            sock.close()
-        time.sleep(0.3)
-        assert load.post(port)[:2] == (200, b"upstream-ok")
+        _refused_until_released(port, held)
     text = log.read_text()
     assert "Open-file limit 256 allows 96 connections, not 2048 (raise LimitNOFILE)." in text
     assert "Refused connection from 127.0.0.1: 96 connections open (--max-connections) (503)." in text

@@ -11,8 +11,6 @@ both rounds, keep every checkpoint finite and finish the run.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -23,6 +21,7 @@ import torch
 import yaml
 
 from tdamil.net import free_port
+from federation_processes import start_logged, stop_group
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 BIN = Path(sys.executable).parent
@@ -57,24 +56,6 @@ HOSTILE_CODE = textwrap.dedent('''
 ''')
 
 
-def _start(cmd: list[str], log: Path, cwd: Path, extra_env: dict | None = None) -> subprocess.Popen:
-    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(extra_env or {}))
-    with open(log, "wb") as fh:
-        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
-
-
 def test_a_hostile_registered_site_is_refused_by_its_key_and_the_run_finishes(tmp_path):
     from tdamil.federation.demo import write_demo_federation
 
@@ -94,11 +75,11 @@ def test_a_hostile_registered_site_is_refused_by_its_key_and_the_run_finishes(tm
     (shim / "sitecustomize.py").write_text(HOSTILE_CODE)
     procs = []
     try:
-        server = _start([str(BIN / "flwr-server"), "--config", str(paths["server"])], root / "server.log", root)
+        server = start_logged([str(BIN / "flwr-server"), "--config", str(paths["server"])], root / "server.log", root)
         procs.append(server)
         for s in ("site_a", "site_b", "site_c"):
             env = {"PYTHONPATH": str(shim)} if s == "site_c" else None
-            procs.append(_start([str(BIN / "tdamil-client"), "--config", str(paths[s]), "--state-dir",
+            procs.append(start_logged([str(BIN / "tdamil-client"), "--config", str(paths[s]), "--state-dir",
                                  str(root / f"state_{s}")], root / f"{s}.log", root, env))
         try:
             rc = server.wait(timeout=400)
@@ -108,7 +89,7 @@ def test_a_hostile_registered_site_is_refused_by_its_key_and_the_run_finishes(tm
         assert rc == 0, logs
     finally:
         for p in reversed(procs):
-            _stop(p)
+            stop_group(p)
     out = root / "demo" / srv["output_dir"]
     events = [json.loads(x) for x in (out / "audit.jsonl").read_text().splitlines() if x.strip()]
     # the patch really ran at site_c (its reply claimed site_a) and was refused by the key, not the claim

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,29 +21,12 @@ from tdamil.atomic import sha256_file
 from tdamil.net import free_port
 from tdamil.security.certs import init_pki, issue_site
 from tdamil.security.integrity import CheckpointIntegrityError, verify_checkpoint
+from federation_processes import start_logged, stop_group
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 
 
-
-
-def _start(cmd: list[str], log: Path, cwd: Path) -> subprocess.Popen:
-    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    with open(log, "wb") as fh:
-        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +57,10 @@ def fed(tmp_path_factory):
         paths[s].write_text(yaml.safe_dump(y))
     procs = []
     try:
-        server = _start([str(BIN / "flwr-server"), "--config", str(paths["server"])], root / "server.log", root)
+        server = start_logged([str(BIN / "flwr-server"), "--config", str(paths["server"])], root / "server.log", root)
         procs.append(server)
         for s in sites:
-            procs.append(_start([str(BIN / "tdamil-client"), "--config", str(paths[s]), "--state-dir",
+            procs.append(start_logged([str(BIN / "tdamil-client"), "--config", str(paths[s]), "--state-dir",
                                  str(root / f"state_{s}")], root / f"{s}.log", root))
         try:
             rc = server.wait(timeout=300)
@@ -87,7 +69,7 @@ def fed(tmp_path_factory):
         assert rc == 0, (root / "server.log").read_text()[-4000:]
     finally:
         for p in reversed(procs):
-            _stop(p)
+            stop_group(p)
     out = root / "demo" / srv["output_dir"]
     return {"root": root, "paths": paths, "pki": pki, "out": out, "sites": sites, "server_cfg": srv}
 

@@ -7,11 +7,8 @@ never aggregate site_b's late reply into a later round, and the run must finish.
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 import yaml
@@ -19,35 +16,15 @@ import yaml
 from tdamil.federation.processes import ManagedProcess, flower_env
 from tdamil.net import free_port
 from wan_harness import LinkSpec, Wan, namespaces_allowed
+from federation_processes import audit_events, wait_for
 
 DEADLINE_S = 40.0  # federation.round_timeout_s: the whole round
 CUT_S = 60.0  # longer than the deadline
 LINE = LinkSpec(rtt_ms=80, rate_mbit=4)
 
 
-def _events(out: Path) -> list[dict]:
-    path = out / "audit.jsonl"
-    events = []
-    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written
-            pass
-    return events
-
-
 def _at(event: dict) -> float:
     return datetime.fromisoformat(event["time"]).timestamp()
-
-
-def _wait(what: str, predicate, timeout: float, procs: list[ManagedProcess]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.25)
-    logs = "\n\n".join(f"--- {p.name} ---\n{p.tail(25)}" for p in procs)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{logs}")
 
 
 @pytest.fixture()
@@ -91,13 +68,13 @@ def test_a_site_cut_mid_upload_costs_only_its_own_update_and_is_named(tmp_path, 
                                                str(paths[site]), "--insecure", "--state-dir",
                                                str(tmp_path / "state" / site)], tmp_path / "logs" / f"{site}.log",
                                         env=env))
-        _wait("round 2 to start", lambda: any(e["event"] == "round_started" and e["round"] == 2
-                                              for e in _events(out)), 120, procs)
+        wait_for("round 2 to start", lambda: any(e["event"] == "round_started" and e["round"] == 2
+                                              for e in audit_events(out)), 120, procs, poll=0.25, tail=25)
         links["site_b"].cut_after_upload(64 * 1024, CUT_S)  # its reply is ~0.6 MB: cut once 64 KiB are up
-        _wait("the run to finish", lambda: procs[0].poll() is not None, 200, procs)
+        wait_for("the run to finish", lambda: procs[0].poll() is not None, 200, procs, poll=0.25, tail=25)
         assert procs[0].poll() == 0, procs[0].tail(40)
 
-        ev = _events(out)
+        ev = audit_events(out)
         started = next(_at(e) for e in ev if e["event"] == "round_started" and e["round"] == 2)
         aggregated = [e for e in ev if e["event"] == "aggregated" and e["round"] == 2]
         cuts = links["site_b"].status()["cuts"]
