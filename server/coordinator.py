@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tdamil.config import ConfigError
-from tdamil.logs import reformat_flower_line
+from tdamil.logs import one_line_error, reformat_flower_line
 from tdamil.federation.processes import (
     ManagedProcess,
     die_with_parent,
@@ -225,7 +225,7 @@ class Coordinator:
             logger.info("Run finished. Checkpoints, metrics.csv, audit.jsonl and plots are in %s", self.out_dir)
             return 0
         if state == "failed":
-            logger.error("The run failed: %s%s (details: %s)", _one_line(error or ""), self._resume_hint(error),
+            logger.error("The run failed: %s%s (details: %s)", one_line_error(error or ""), self._resume_hint(error),
                          self.state_dir / "logs" / "run.log")
             return 1
         logger.error("The run did not finish (flwr run exit code %s). See %s and %s. Continue it with "
@@ -269,7 +269,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         coordinator = Coordinator(Path(args.config), insecure=args.insecure, resume=args.resume,
                                   output_dir=args.output_dir)
     except (ConfigError, ValueError, SecurityCheckError) as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line_error(exc)}", file=sys.stderr)
         return 2
     if args.check:
         print(f"{args.config}: OK")
@@ -283,15 +283,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, ValueError, RuntimeError, OSError) as exc:  # everything is stopped by run()
         # ConfigError, SecurityCheckError, NodeAuthError, a SuperLink that exited early (RuntimeError,
         # TimeoutError): each message names the file or log and the fix
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line_error(exc)}", file=sys.stderr)
         return 2
-
-
-def _one_line(exc: BaseException | str) -> str:
-    """A message on one line, without the ``<class 'ValueError'>:<'...'>`` wrapper Flower puts
-    around errors raised in a ServerApp / ClientApp."""
-    text = " ".join(str(exc).split())
-    return re.sub(r"<class '[\w.]+'>:<(['\"])(.*?)\1>", r"\2", text)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,7 +16,8 @@ import re
 import time
 
 __all__ = ["LOG_FORMAT", "DATE_FORMAT", "setup_logging", "route_flower_to_root", "format_flower_console",
-           "flower_console_handlers", "reformat_flower_line", "one_line"]
+           "flower_console_handlers", "reformat_flower_line", "one_line",
+           "one_line_error"]
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -90,3 +91,9 @@ def one_line(exc: BaseException | str) -> str:
     """An error's message on one line, without Python's wrappers: what a command prints after
     ``error:`` (once; the command does not also log it)."""
     return " ".join(str(exc).split())
+
+
+def one_line_error(error: BaseException | str) -> str:
+    """An error on one line, without the ``<class 'ValueError'>:<'...'>`` wrapper Flower puts around
+    an exception raised in a ServerApp or ClientApp."""
+    return re.sub(r"<class '[\w.]+'>:<(['\"])(.*?)\1>", r"\2", one_line(error))

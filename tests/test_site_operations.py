@@ -213,9 +213,10 @@ def test_expired_coordinator_certificate_message_reads_right(tmp_path):
 
 def test_run_errors_are_one_line_and_missing_sites_say_how_to_resume(tmp_path):
     from tdamil.federation.demo import write_demo_federation
-    from tdamil.server.coordinator import Coordinator, _one_line
+    from tdamil.logs import one_line_error
+    from tdamil.server.coordinator import Coordinator
 
-    assert _one_line("<class 'ValueError'>:<'site_a.yaml: bad\n value'>") == "site_a.yaml: bad value"
+    assert one_line_error("<class 'ValueError'>:<'site_a.yaml: bad\n value'>") == "site_a.yaml: bad value"
     paths = write_demo_federation(tmp_path / "demo", num_sites=2, train_bags=4, val_bags=2, test_bags=2,
                                   heldout_bags=4, secure=False)
     coord = Coordinator(paths["server"], insecure=True)

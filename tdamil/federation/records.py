@@ -227,10 +227,9 @@ class ReplyContract:
 def error_text(msg: Message) -> str:
     """An error reply's reason on one line, without the ``<class '...'>:<'...'>`` wrapper Flower puts
     around an exception raised in a ClientApp."""
-    import re  # noqa: PLC0415
+    from tdamil.logs import one_line_error  # noqa: PLC0415
 
-    text = " ".join(str(msg.error.reason or f"error code {msg.error.code}").split())
-    return re.sub(r"<class '[\w.]+'>:<(['\"])(.*?)\1>", r"\2", text)
+    return one_line_error(msg.error.reason or f"error code {msg.error.code}")
 
 
 def reply_problem(msg: Message, contract: ReplyContract) -> str | None:
