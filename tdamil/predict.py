@@ -321,7 +321,7 @@ def predict_site(
                 "argmax" if trained.threshold is None else f"{trained.threshold:.3f}", trained.threshold_source)
     result = evaluate(trained.model, dataset, device=device)
     table = _predictions_table(result, slides, trained)
-    _check_maps(trained, dataset, table)
+    _check_maps(trained, dataset, result, table)
     with atomic_path(out / "predictions.csv") as tmp:
         table.to_csv(tmp, index=False)
     logger.info("Wrote %s", out / "predictions.csv")
@@ -343,7 +343,7 @@ def _predictions_table(result: Any, slides: SlideSet, trained: TrainedModel) -> 
     return table
 
 
-def _check_maps(trained: TrainedModel, dataset: Any, table: Any) -> None:
+def _check_maps(trained: TrainedModel, dataset: Any, result: Any, table: Any) -> None:
     """Is each positive slide's relevance map faithful? The label-free deletion check of
     :mod:`tdamil.train.faithfulness` (its top patches removed vs as many random ones), per slide
     (``map_deletion_gap``, ``map_check``) and over the slides in the log."""
@@ -352,8 +352,10 @@ def _check_maps(trained: TrainedModel, dataset: Any, table: Any) -> None:
     gaps: list[float] = []
     checks: list[str] = []
     deletions = []
-    for i in range(len(dataset)):
-        curve = check_bag(trained.model, dataset[i].features, positive_only=True, seed=i)
+    for i in range(len(dataset)):  # the scores and probabilities of the prediction pass: no forward pass again
+        scores = result.scores[i]
+        curve = None if scores is None else check_bag(trained.model, dataset[i].features, scores,
+                                                      p0=float(result.probs[i, 1]), positive_only=True, seed=i)
         if curve is None:
             gaps.append(np.nan)
             checks.append("n/a (no per-patch scores)")

@@ -322,14 +322,14 @@ class TDAMIL(TransformerMIL):
                 first = x
                 if self.cfg.proj_init == "data":
                     self._center_projection(x.unsqueeze(0), None)
-            projected = self.proj(self.input_norm(x)).float().mean(dim=0)  # = the projected tokens' mean (eval mode)
+            tokens = self.proj(self.input_norm(x)).float()  # the projected tokens (eval mode)
+            projected = tokens.mean(dim=0)
             mean = projected if self.cfg.selection_source == "projected" else self._scored_patches(x).float().mean(dim=0)
             positive = int(label) != 0
             sums[positive] = sums[positive] + mean
             counts[positive] += 1
             projected_means.append(projected)
             if self.cfg.task_init_refine > 0 and self.cfg.selection_source == "projected":
-                tokens = self.proj(self.input_norm(x)).float()
                 if tokens.shape[0] > self.cfg.task_init_keep:
                     tokens = tokens[torch.randperm(tokens.shape[0], generator=gen)[: self.cfg.task_init_keep]]
                 kept.append(tokens)

@@ -109,21 +109,22 @@ def _scores(out: Any) -> Optional[np.ndarray]:
 
 @torch.no_grad()
 def check_bag(model: torch.nn.Module, features: torch.Tensor, scores: np.ndarray | None = None, *,
-              draws: int = 4, seed: int = 0, fractions: tuple[float, ...] = FRACTIONS,
+              p0: float | None = None, draws: int = 4, seed: int = 0, fractions: tuple[float, ...] = FRACTIONS,
               positive_only: bool = False) -> Optional[BagDeletion]:
-    """The deletion check of one bag ``features`` [n, D] (``scores``: the model's own by default).
-    Returns None when the model has no per-patch scores or the bag is too small (< 2 patches);
-    with ``positive_only`` a bag predicted negative gets no deletions (``ks`` empty)."""
+    """The deletion check of one bag ``features`` [n, D] (``scores``: the model's own by default;
+    ``p0``: its positive probability, when the caller has both from its own forward pass, which is
+    then not run again). Returns None when the model has no per-patch scores or the bag is too
+    small (< 2 patches); with ``positive_only`` a bag predicted negative gets no deletions."""
     was_training = model.training
     model.eval()
     try:
         x = features.unsqueeze(0)
-        out = model(x)
-        if scores is None:
-            scores = _scores(out)
+        if scores is None or p0 is None:
+            out = model(x)
+            scores = _scores(out) if scores is None else scores
+            p0 = float(torch.softmax(logits_of(out).float(), dim=-1)[0, 1])
         if scores is None or features.shape[0] < 2:
             return None
-        p0 = float(torch.softmax(logits_of(out).float(), dim=-1)[0, 1])
         if positive_only and p0 < 0.5:
             return BagDeletion(p0, [], [], [])
         n = features.shape[0]
