@@ -219,13 +219,11 @@ def load_sim_config(path: str | Path, overrides: dict[str, Any] | None = None) -
     if cfg.seeds and (len(set(cfg.seeds)) != len(cfg.seeds) or cfg.folds >= 2):
         raise ConfigError(f"{path}: 'seeds' is {cfg.seeds}; give distinct seeds, and not together with folds "
                           "(cross-validation already repeats the run).")
-    d = cfg.data.digits
-    hospital = [k for k, off in (("site_train_bags", None), ("site_positive_fractions", None), ("site_mean_bag_sizes", None),
-                                 ("feature_offset", 0.0), ("feature_scale", 0.0), ("site_split", [0.6, 0.2, 0.2]))
-                if getattr(d, k) != off]
-    if cfg.folds >= 2 and cfg.data.source == "digits" and hospital:
-        raise ConfigError(f"{path}: 'data.digits.{hospital[0]}' is set but cross-validation (folds: {cfg.folds}) builds "
-                          "its folds from the plain digits sites; remove it or set folds: 0.")
+    if cfg.folds >= 2 and cfg.data.source == "digits" and cfg.data.digits.site_train_bags is not None:
+        raise ConfigError(f"{path}: 'data.digits.site_train_bags' is set but cross-validation (folds: {cfg.folds}) pools "
+                          "each site's train, val and test bags and trains on k-1 folds of that pool, so a site's "
+                          "training size is set by its whole pool, not by site_train_bags; remove it or set folds: 0 "
+                          "(the other hospital options, shift, label skew, bag sizes and site_split, apply in both).")
     if cfg.seed_workers < 1 or (cfg.seed_workers > 1 and cfg.engine == "ray"):
         raise ConfigError(f"{path}: 'seed_workers' is {cfg.seed_workers}; use >= 1, and 1 with engine: ray (Ray "
                           "runs the sites in parallel itself).")

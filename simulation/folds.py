@@ -7,7 +7,10 @@ them instead). In fold ``f`` a site tests on its fold ``f`` and trains on the re
 cohorts are never split: every fold evaluates them whole.
 
 * digits sites: a site's train, val and test bags form its pool (a bag is its own patient); the
-  validation share is the site's val / (train + val) bags;
+  validation share is the site's val / (train + val) bags. The hospital options (scanner shift,
+  per-site positive share and bag size, ``site_split``) shape the pooled bags as in a single run;
+  ``site_train_bags`` is refused (``simulation.config``): the folds re-cut the whole pool, so a
+  site's training size follows its pool, not that option;
 * manifest sites: a site's pool is its cohort's rows; ``val_fraction`` and ``split_seed`` come from
   ``data.manifest``; a fixed ``split`` column cannot be combined with folds.
 
@@ -47,7 +50,10 @@ def _digits_pools(cfg: SimConfig) -> tuple[dict[str, Any], dict[str, Any], float
 
     d = cfg.data.digits
     made = make_digits_sites(d.bags, d.num_sites, label_skew=d.label_skew, size_skew=d.size_skew,
-                             site_test_bags=d.site_test_bags, held_out_fraction=d.held_out_fraction)
+                             site_test_bags=d.site_test_bags, held_out_fraction=d.held_out_fraction,
+                             site_positive_fractions=d.site_positive_fractions, site_mean_bag_sizes=d.site_mean_bag_sizes,
+                             feature_offset=d.feature_offset, feature_scale=d.feature_scale,
+                             site_split=tuple(d.site_split))
     pools = {name: _pool([s.train, s.val, s.test]) for name, s in made.items()}
     val_share = d.bags.num_val_bags / max(1, d.bags.num_train_bags + d.bags.num_val_bags)
     return pools, {"held_out": made.held_out}, val_share, d.bags.seed

@@ -175,3 +175,26 @@ def test_two_folds_run_at_once_in_their_own_processes(tmp_path):
     (tmp_path / "ray.yaml").write_text(yaml.safe_dump(cfg | {"engine": "ray"}))
     with pytest.raises(ConfigError, match="fold_workers"):
         load_sim_config(tmp_path / "ray.yaml")
+
+
+def test_digits_folds_take_the_hospital_options_but_not_site_train_bags(tmp_path):
+    """Shift, per-site label share, bag size and site_split shape the pooled bags in CV as in one run;
+    site_train_bags is refused with the reason (the folds re-cut each site's whole pool)."""
+    body = """
+folds: 3
+data: {{source: digits, digits: {{num_sites: 2, site_test_bags: 12, site_positive_fractions: [0.25, 0.5],
+  site_mean_bag_sizes: [6, 12], feature_offset: 0.1, feature_scale: 0.2, site_split: [0.3, 0.3, 0.4],{extra}
+  bags: {{num_train_bags: 12, num_val_bags: 4, num_test_bags: 10}}}}}}
+federation: {{rounds: 1, min_sites: 2}}
+"""
+    (tmp_path / "ok.yaml").write_text(body.format(extra=""))
+    cfg = load_sim_config(tmp_path / "ok.yaml")
+    sites, held, _ = fold_datasets(cfg, 0)
+    a, b = sites["site_a"], sites["site_b"]
+    size = {k: np.mean([len(s.train[i].features) for i in range(len(s.train))]) for k, s in (("a", a), ("b", b))}
+    assert size["a"] < size["b"]  # bag sizes 6 vs 12
+    pooled = [s[i].features for s in (a.train, a.val, a.test) for i in range(len(s))]
+    assert min(float(f.min()) for f in pooled) < 0.0 or max(float(f.max()) for f in pooled) > 1.0  # shifted pixels
+    (tmp_path / "bad.yaml").write_text(body.format(extra=" site_train_bags: [8, 12],"))
+    with pytest.raises(ConfigError, match="site_train_bags.*pools each site's train, val and test bags"):
+        load_sim_config(tmp_path / "bad.yaml")
