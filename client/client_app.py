@@ -5,7 +5,8 @@ asks (``evaluate-global``: one message per round carries the previous round's si
 train ``local-epochs`` epochs on the training slides, evaluate the trained model on the validation
 slides, reply with the trained arrays + metrics. ``evaluate``: evaluate the global model on the
 validation slides (the last round's model, or every round with ``evaluate_with_train: false``).
-Every reply carries the timeline stamps (``time-*``) of this run. Replies carry only the model's arrays, a MetricRecord
+Every reply carries the timeline stamps (``time-*``) of this run. The model travels packed into one
+array each way (:mod:`tdamil.federation.wire`): unpacked on arrival, the reply packed last. Replies carry only the model's arrays, a MetricRecord
 with fixed keys (NaN where undefined) and the site's name; slides and features never leave the
 site.
 
@@ -59,6 +60,7 @@ from tdamil.federation.task import (  # noqa: E402
     model_to_arrays,
 )
 from tdamil.federation.timeline import process_start_time  # noqa: E402
+from tdamil.federation.wire import open_instruction, pack_reply  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -206,13 +208,15 @@ def make_client_app(provider: SiteProvider) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         stamps = _start_stamps()
+        msg = open_instruction(msg, context.state)  # the model arrives packed (tdamil.federation.wire)
         rt = provider(context)
         stamps["time-data-opened"] = time.time()
-        return _compose(lambda m, c: _train(m, c, rt, stamps), rt.train_mods)(msg, context)
+        return pack_reply(_compose(lambda m, c: _train(m, c, rt, stamps), rt.train_mods)(msg, context), msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         stamps = _start_stamps()
+        msg = open_instruction(msg, context.state)  # the model, or its difference to the one kept in training
         rt = provider(context)
         stamps["time-data-opened"] = time.time()
         handshake(msg, context, rt)

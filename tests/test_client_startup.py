@@ -33,9 +33,13 @@ from tdamil.federation.grids import InProcessGrid
 from tdamil.federation.task import ModelSpec, build_model, model_to_arrays
 spec = ModelSpec({"name": "tdamil", "dim": 16, "depth": 1, "num_heads": 2}, 8, 2)
 grid = InProcessGrid(ca.app, {1: {"site": "site_a", "config": sys.argv[1]}})
+from tdamil.federation.screening import layout_of
+from tdamil.federation.wire import layout_to_json, pack
+arrays = model_to_arrays(build_model(spec))
 config = ConfigRecord({"server-round": 1, "local-epochs": 1, "lr": 1e-3, "weight-decay": 0.01,
-                       "proximal-mu": 0.0, "model-spec": spec.to_json(), "evaluate-global": True})
-msg = grid.create_message(RecordDict({"arrays": model_to_arrays(build_model(spec)), "config": config}),
+                       "proximal-mu": 0.0, "model-spec": spec.to_json(), "evaluate-global": True,
+                       "wire-layout": layout_to_json(layout_of(arrays))})
+msg = grid.create_message(RecordDict({"arrays": pack(arrays, layout_of(arrays)), "config": config}),
                           "train", 1, "1")
 (reply,) = grid.send_and_receive([msg])
 assert not reply.has_error(), reply.error.reason

@@ -26,6 +26,7 @@ from tdamil.federation.audit import read_audit
 from tdamil.federation.config import FederationConfig
 from tdamil.federation.records import ARRAYS, METRICS, SITE
 from tdamil.federation.task import SiteData
+from tdamil.federation.wire import PACKED, WIRE_LAYOUT, layout_from_json, unpack
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -81,34 +82,46 @@ def honest(tmp_path_factory):
 
 
 # --- the behaviours: each edits site_c's train reply in place -------------------------------------
-def _arrays(reply: Message) -> dict[str, np.ndarray]:
-    return {k: a.numpy().copy() for k, a in reply.content[ARRAYS].items()}
+# A reply's model travels packed (tdamil.federation.wire): site_c unpacks it, edits the named arrays
+# and packs them again as the wire format says, concatenated in the layout's order (a model of
+# another layout keeps its own length and dtype); arrays under other names go unpacked.
+def _layout(msg: Message) -> dict:
+    return layout_from_json(str(msg.content["config"][WIRE_LAYOUT]))
 
 
-def _set_arrays(reply: Message, arrays: dict[str, np.ndarray]) -> None:
-    reply.content[ARRAYS] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+def _arrays(reply: Message, msg: Message) -> dict[str, np.ndarray]:
+    return {k: a.numpy().copy() for k, a in unpack(reply.content[ARRAYS], _layout(msg)).items()}
+
+
+def _set_arrays(reply: Message, arrays: dict[str, np.ndarray], msg: Message) -> None:
+    layout = _layout(msg)
+    if set(arrays) == set(layout):
+        packed = {PACKED: Array(np.ascontiguousarray(np.concatenate([arrays[k].reshape(-1) for k in layout])))}
+    else:
+        packed = {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    reply.content[ARRAYS] = ArrayRecord(packed)
 
 
 def _map(fn: Callable[[str, np.ndarray], np.ndarray]):
     def tamper(rnd: int, msg: Message, reply: Message) -> None:
         if msg.metadata.message_type == "train":
-            _set_arrays(reply, {k: fn(k, v) for k, v in _arrays(reply).items()})
+            _set_arrays(reply, {k: fn(k, v) for k, v in _arrays(reply, msg).items()}, msg)
     return tamper
 
 
 def _first_float(fn):
-    def edit(reply: Message) -> None:
-        arrays = _arrays(reply)
+    def edit(reply: Message, msg: Message) -> None:
+        arrays = _arrays(reply, msg)
         name = next(k for k, v in arrays.items() if v.dtype.kind == "f" and v.ndim == 2)
         arrays = fn(name, arrays)
-        _set_arrays(reply, arrays)
+        _set_arrays(reply, arrays, msg)
     return edit
 
 
 def _train_only(edit):
     def tamper(rnd: int, msg: Message, reply: Message) -> None:
         if msg.metadata.message_type == "train":
-            edit(reply)
+            edit(reply, msg)
     return tamper
 
 
@@ -149,8 +162,9 @@ def _sent_back_received(rnd: int, msg: Message, reply: Message) -> None:
 
 def _sign_flip(rnd: int, msg: Message, reply: Message) -> None:
     if msg.metadata.message_type == "train":
-        received = {k: a.numpy() for k, a in msg.content[ARRAYS].items()}
-        _set_arrays(reply, {k: (2 * received[k] - v if v.dtype.kind == "f" else v) for k, v in _arrays(reply).items()})
+        received = {k: a.numpy() for k, a in unpack(msg.content[ARRAYS], _layout(msg)).items()}
+        _set_arrays(reply, {k: (2 * received[k] - v if v.dtype.kind == "f" else v)
+                            for k, v in _arrays(reply, msg).items()}, msg)
 
 
 def _scaled(factor: float):
@@ -163,10 +177,10 @@ BEHAVIOURS: dict[str, tuple[Callable, bool]] = {  # name -> (tamper, misbehaves 
     "weights x 1e6": (_scaled(1e6), True),
     "broadcastable shape (1, ...)": (_train_only(_first_float(lambda n, a: a | {n: a[n][:1]})), True),
     "larger shape": (_train_only(_first_float(lambda n, a: a | {n: np.concatenate([a[n], a[n]])})), True),
-    "one extra array": (_train_only(lambda r: _set_arrays(r, _arrays(r) | {"aaa.extra": np.zeros(3, np.float32)})),
-                        True),
-    "arrays of another model": (_train_only(lambda r: _set_arrays(r, {f"other.{k}": v for k, v in _arrays(r).items()})),
-                                True),
+    "one extra array": (_train_only(lambda r, m: _set_arrays(r, _arrays(r, m) | {"aaa.extra": np.zeros(3, np.float32)},
+                                                             m)), True),
+    "arrays of another model": (_train_only(lambda r, m: _set_arrays(r, {f"other.{k}": v for k, v in
+                                                                         _arrays(r, m).items()}, m)), True),
     "float64 arrays": (_map(lambda k, v: v.astype(np.float64) if v.dtype.kind == "f" else v), True),
     "num-examples 1e9": (_metric("num-examples", 1_000_000_000), True),
     "num-examples -19": (_metric("num-examples", -19), True),
@@ -229,3 +243,70 @@ def test_an_honest_federation_drops_nobody(tmp_path):
     assert [e for e in events if e["event"] == "failure"] == []
     assert all(e["sites"] == ["site_a", "site_b", HOSTILE] for e in events if e["event"] == "aggregated")
     assert math.isfinite(_final_auroc(events))
+
+
+# --- the norm screen's clipping, on synthetic updates ---------------------------------------------
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Messages built outside a run need Flower's task identity set."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+def _update_replies(global_arrays: dict[str, np.ndarray], deltas: list[np.ndarray]) -> list[Message]:
+    from flwr.app import RecordDict
+
+    replies = []
+    for i, delta in enumerate(deltas):
+        instr = Message(RecordDict(), 1001 + i, "train")
+        instr.metadata.__dict__["_message_id"] = f"m{i}"
+        arrays = {"w": Array(np.ascontiguousarray((global_arrays["w"] + delta).astype(np.float32))),
+                  "steps": Array(global_arrays["steps"].copy())}
+        replies.append(Message(RecordDict({ARRAYS: ArrayRecord(arrays)}), reply_to=instr))
+    return replies
+
+
+def _screen_case(scales: list[float], **kwargs):
+    from tdamil.federation.screening import screen_updates
+
+    rng = np.random.default_rng(0)
+    base = {"w": rng.normal(size=200).astype(np.float32), "steps": np.array([7], dtype=np.int64)}
+    direction = rng.normal(size=200)
+    deltas = [s * (direction + 0.3 * rng.normal(size=200)) * 1e-2 for s in scales]
+    replies = _update_replies(base, deltas)
+    before = [r.content[ARRAYS]["w"].numpy().copy() for r in replies]
+    kept, dropped = screen_updates(ArrayRecord({k: Array(v) for k, v in base.items()}), replies, 10.0, 0.0, **kwargs)
+    after = [r.content[ARRAYS]["w"].numpy() for r in replies]
+    return base, replies, kept, dropped, before, after
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_an_oversized_update_below_the_drop_factor_is_clipped_not_dropped():
+    from tdamil.federation.screening import CLIP_FACTOR
+
+    base, replies, kept, dropped, before, after = _screen_case([1.0, 1.1, 0.9, 1.0, 6.0])
+    assert dropped == [] and kept == replies
+    norms = [float(np.linalg.norm(a.astype(np.float64) - base["w"])) for a in after]
+    bound = CLIP_FACTOR * float(np.median(norms[:4]))
+    assert norms[4] == pytest.approx(bound, rel=1e-4)  # scaled down to the bound ...
+    d_before, d_after = before[4].astype(np.float64) - base["w"], after[4].astype(np.float64) - base["w"]
+    assert float(d_before @ d_after) / (np.linalg.norm(d_before) * np.linalg.norm(d_after)) > 0.9999  # ... same direction
+    for i in range(4):  # the others are untouched, bit for bit
+        assert np.array_equal(before[i], after[i])
+    assert after[4].dtype == np.float32 and replies[4].content[ARRAYS]["steps"].numpy()[0] == 7
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_ordinary_updates_are_not_clipped_and_no_norm_screen_means_no_clipping():
+    _base, _replies, kept, dropped, before, after = _screen_case([1.0, 1.3, 0.8, 1.0, 1.5])
+    assert dropped == [] and all(np.array_equal(b, a) for b, a in zip(before, after))
+    from tdamil.federation.screening import screen_updates
+
+    _base, replies, kept, dropped, before, after = _screen_case([1.0, 1.1, 0.9, 1.0, 6.0], clip_factor=None)
+    assert dropped == [] and np.array_equal(before[4], after[4])
+    base = {"w": np.zeros(3, np.float32), "steps": np.array([7], dtype=np.int64)}
+    replies = _update_replies(base, [np.ones(3), np.ones(3), 6 * np.ones(3)])
+    kept, dropped = screen_updates(ArrayRecord({k: Array(v) for k, v in base.items()}), replies, None, None)
+    assert np.array_equal(replies[2].content[ARRAYS]["w"].numpy(), 6 * np.ones(3, np.float32))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -63,6 +64,12 @@ class FederationConfig:
                        the site evaluation of the previous round's model; only the last round's
                        model gets a separate evaluate message. false: a train and an evaluate
                        message every round (the older, slower path, kept for comparison).
+    update_codec:      how a site sends its trained model (:mod:`tdamil.federation.wire`; every
+                       message's model travels as one packed array, the global model always in
+                       fp32): ``fp32`` (bit-exact, the default), ``fp16`` (the weights in half
+                       precision) or ``fp16-delta`` (trained minus global in half precision, added
+                       back to the global model by the coordinator). Both fp16 codecs halve the
+                       bytes of a reply; measured in ``benchmarks/wan.md``.
     reply_poll_s:      how often the coordinator pulls the sites' replies (Flower's own grid waits
                        3 s between pulls: 1.5 s lost per message on average).
     seed:              seed of the initial global model.
@@ -92,6 +99,7 @@ class FederationConfig:
     server_tau: float = 1e-3
     evaluate_sites: bool = True
     evaluate_with_train: bool = True
+    update_codec: Literal["fp32", "fp16", "fp16-delta"] = "fp32"
     reply_poll_s: float = 0.1
     seed: int = 0
 
@@ -112,6 +120,11 @@ class FederationConfig:
             raise ValueError("federation.min_replies must be between 1 and min_sites")
         if not 0 < self.fraction_sites <= 1:
             raise ValueError("federation.fraction_sites must be in (0, 1]")
+        codecs = ("fp32", "fp16", "fp16-delta")
+        if self.update_codec not in codecs:
+            close = difflib.get_close_matches(str(self.update_codec), codecs, n=1)
+            raise ValueError(f"federation.update_codec must be one of {', '.join(codecs)}, got {self.update_codec!r}."
+                             + (f" Did you mean {close[0]!r}?" if close else ""))
         if not 0 < self.reply_poll_s <= 10:
             raise ValueError("federation.reply_poll_s must be in (0, 10] seconds")
         if self.round_timeout_s <= 0 or self.wait_for_sites_s <= 0:

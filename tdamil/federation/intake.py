@@ -9,6 +9,9 @@ was wrong, when
   the key the coordinator registered, ``site_nodes``, or from the simulation's node configs; a
   deployment without key registration believes the claimed names but refuses two nodes claiming
   one);
+* its model is not packed as the run's wire format says (:mod:`tdamil.federation.wire`: one
+  ``packed`` array of the global model's length in ``federation.update_codec``); it is unpacked
+  here, before any other check, so every check below sees the model's named arrays;
 * it breaks the message contract (:func:`~tdamil.federation.records.reply_problem`);
 * the site runs software the run does not accept, or its features break the run's feature contract
   (the versions and contract its reply reports; the site checks both itself before it trains,
@@ -45,6 +48,7 @@ from tdamil.federation.records import (
 )
 from tdamil.federation.screening import screen_updates
 from tdamil.federation.timeline import RoundClock
+from tdamil.federation.wire import flatten, open_reply
 
 __all__ = ["ReplyIntake"]
 
@@ -63,6 +67,7 @@ class ReplyIntake:
         self.fed = fed
         self.site_nodes = {int(k): str(v) for k, v in (site_nodes or {}).items()}
         self.node_sites: dict[int, str] = {}  # names seen in accepted replies, for naming failed sites
+        self.wire_bytes: dict[str, int] = {}  # reply id -> bytes as it travelled (packed), for the audit
 
     def registered(self, grid: Any) -> dict[int, str]:
         """node id -> site, from an authority the sites cannot influence: key registration, or the
@@ -96,13 +101,17 @@ class ReplyIntake:
         # an error reply for a site that died comes from the SuperLink itself (its own node id), so
         # the site is found through the message it answers
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-        sound = []
+        base = (flatten(global_arrays, contract.arrays) if contract.codec and global_arrays is not None
+                and contract.arrays else None)
+        sound, self.wire_bytes = [], {}
         for reply in replies:
             if reply.has_error():
                 node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
                 self.audit.failure(rnd, phase, error_text(reply), site=self.site_of(grid, node), node_id=node)
                 continue
+            self.wire_bytes[reply.metadata.message_id] = payload_bytes(reply.content)
             problem = (self._identity_problem(grid, int(reply.metadata.src_node_id), reply_site(reply))
+                       or self._unpack_problem(reply, contract, base)
                        or reply_problem(reply, contract) or self._handshake_problem(reply))
             if problem is not None:
                 self._refuse(grid, rnd, phase, reply, f"reply refused: {problem}")
@@ -127,6 +136,13 @@ class ReplyIntake:
                                    site=self.site_of(grid, msg.metadata.dst_node_id),
                                    node_id=msg.metadata.dst_node_id)
         return sound
+
+    @staticmethod
+    def _unpack_problem(reply: Message, contract: ReplyContract, base: Any) -> str | None:
+        if not contract.codec or contract.phase != "train" or not reply.has_content():
+            return None
+        problem = open_reply(reply, contract.arrays or {}, contract.codec, base)
+        return None if problem is None else f"its model cannot be unpacked: {problem}"
 
     def _handshake_problem(self, reply: Message) -> str | None:
         """Why the site's reported software or features do not fit the run; audits them once."""
@@ -165,7 +181,9 @@ class ReplyIntake:
         site = reply_site(reply)
         self.node_sites[int(reply.metadata.src_node_id)] = site
         metrics = reply_metrics(reply)
-        self.audit.reply(rnd, phase, site, reply.metadata.src_node_id, payload_bytes(reply.content), metrics)
+        sent = self.wire_bytes.get(reply.metadata.message_id)
+        self.audit.reply(rnd, phase, site, reply.metadata.src_node_id,
+                         payload_bytes(reply.content) if sent is None else sent, metrics)
         if phase == "train":  # evaluate rows are written by the loop's site evaluation
             self.history.add(rnd, phase, site, {k: v for k, v in metrics.items()
                                                 if not is_stamp(k) and not k.startswith("global-")})

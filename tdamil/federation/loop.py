@@ -12,7 +12,9 @@ went, see :mod:`tdamil.federation.timeline`).
 Site evaluation (``evaluate_sites``) rides on the train message (``evaluate_with_train``): the
 replies of round r carry each site's validation metrics of the model it received, i.e. of round
 r-1's global model, recorded as round r-1 (``evaluate`` rows, ``site_evaluation`` audit lines);
-the last round's model gets one separate evaluate message. With ``checkpoint.source: sites``,
+the last round's model gets one separate evaluate message, which carries only the bit-exact
+difference to the model each site kept from that round's train message (:mod:`tdamil.federation.
+wire`: every message's model travels as one packed array). With ``checkpoint.source: sites``,
 ``best.pt`` for round r-1 is therefore chosen during round r, before that round's aggregation (so
 the strategy state saved with it is still round r-1's).
 
@@ -69,6 +71,7 @@ from tdamil.federation.intake import ReplyIntake
 from tdamil.federation.screening import cast_like, layout_of, model_problem
 from tdamil.federation.strategies import restore_strategy_state, strategy_state
 from tdamil.federation.timeline import RoundClock, round_table
+from tdamil.federation.wire import KEEP_BASE, UPDATE_CODEC, WIRE_LAYOUT, flatten, layout_to_json, pack_instructions
 
 logger = logging.getLogger(__name__)
 
@@ -133,13 +136,13 @@ class RoundLoop:
         self.round_token = ""  # fresh per round: replies echo it (a replayed reply does not)
         self.with_train = bool(fed.evaluate_sites and fed.evaluate_with_train)
         self._deadline: float | None = None  # time.monotonic() at which the current round ends
-
-    def _site_of(self, grid: Any, node_id: int) -> str | None:
-        return self.intake.site_of(grid, node_id)
+        self._base: tuple[str, Any] | None = None  # (round token, flat model) of this round's train message
+        self._holders: set[int] = set()  # nodes whose train reply came: they kept that model
 
     # ---------------------------------------------------------------------------------------
-    def train_config(self) -> ConfigRecord:
+    def train_config(self, layout: dict, keep_base: bool = False) -> ConfigRecord:
         return ConfigRecord({
+            WIRE_LAYOUT: layout_to_json(layout), UPDATE_CODEC: self.fed.update_codec, KEEP_BASE: keep_base,
             ROUND_TOKEN: self.round_token,
             **self.handshake,
             "local-epochs": int(self.fed.local_epochs),
@@ -150,8 +153,9 @@ class RoundLoop:
             "evaluate-global": self.with_train,
         })
 
-    def evaluate_config(self) -> ConfigRecord:
-        return ConfigRecord({"model-spec": self.model_spec, ROUND_TOKEN: self.round_token, **self.handshake})
+    def evaluate_config(self, layout: dict) -> ConfigRecord:
+        return ConfigRecord({"model-spec": self.model_spec, ROUND_TOKEN: self.round_token, **self.handshake,
+                             WIRE_LAYOUT: layout_to_json(layout)})
 
     def run(self, grid: Any, initial_arrays: ArrayRecord, *, resume: bool = False) -> RunResult:
         arrays = initial_arrays
@@ -357,7 +361,7 @@ class RoundLoop:
             self.audit.failure(late.round, late.phase, f"late reply refused: {what} arrived {late.seconds_late:.0f} s "
                                f"after the round's deadline (federation.round_timeout_s="
                                f"{self.fed.round_timeout_s:.0f} s); it is never aggregated",
-                               site=self._site_of(grid, late.node_id), node_id=late.node_id)
+                               site=self.intake.site_of(grid, late.node_id), node_id=late.node_id)
 
     def _name_sites(self, grid: Any) -> None:
         """Let the grid name the sites it waits for: registered ones and those seen in replies."""
@@ -395,18 +399,23 @@ class RoundLoop:
     def _train_round(self, grid: Any, rnd: int, arrays: ArrayRecord,
                      clock: RoundClock) -> tuple[ArrayRecord | None, bool]:
         self._name_sites(grid)
+        layout = layout_of(arrays)
+        keep_base = self.fed.evaluate_sites and (not self.with_train or rnd == self.fed.rounds)
         try:
-            messages = list(self.strategy.configure_train(rnd, arrays, self.train_config(), grid))
+            messages = list(self.strategy.configure_train(rnd, arrays, self.train_config(layout, keep_base), grid))
         except SitesUnavailableError as exc:
             self.audit.failure(rnd, "train", str(exc))
             raise
+        pack_instructions(messages, arrays, layout)
+        self._base = (self.round_token, flatten(arrays, layout)) if keep_base else None
         self.audit.round_started(rnd, sites=[m.metadata.dst_node_id for m in messages],
                                  global_model_bytes=arrays.count_bytes())
         replies = self._send(grid, messages, rnd, "train", clock)
-        layout = layout_of(arrays)
-        contract = ReplyContract("train", rnd, self.round_token, layout, self.fed.max_site_examples)
+        contract = ReplyContract("train", rnd, self.round_token, layout, self.fed.max_site_examples,
+                                 self.fed.update_codec)
         valid = self.intake.collect(grid, rnd, "train", messages, replies, contract, clock=clock,
                                     global_arrays=arrays)
+        self._holders = {int(r.metadata.src_node_id) for r in valid}
         if self.with_train:
             self._evaluation_in_train(rnd, valid, arrays)
         t_aggregate = time.time()
@@ -447,10 +456,12 @@ class RoundLoop:
 
     def _evaluate_round(self, grid: Any, rnd: int, arrays: ArrayRecord) -> dict[str, float]:
         try:
-            messages = list(self.strategy.configure_evaluate(rnd, arrays, self.evaluate_config(), grid))
+            layout = layout_of(arrays)
+            messages = list(self.strategy.configure_evaluate(rnd, arrays, self.evaluate_config(layout), grid))
         except SitesUnavailableError as exc:
             self.audit.failure(rnd, "evaluate", str(exc))
             return {}
+        pack_instructions(messages, arrays, layout, self._base, self._holders)
         if not messages:
             return {}
         replies = self._send(grid, messages, rnd, "evaluate")

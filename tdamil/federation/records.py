@@ -2,12 +2,14 @@
 
 Instruction (server -> site), one ``RecordDict``:
   ``"arrays"``: ArrayRecord, the global model's full state dict (task token T and channel matrix C
-               included);
-  ``"config"``: ConfigRecord with ``server-round``, ``local-epochs``, ``lr``, ``proximal-mu`` and
-               ``model-spec`` (JSON text: model config, input dim, number of classes).
+               included), packed into one array on the wire (:mod:`tdamil.federation.wire`);
+  ``"config"``: ConfigRecord with ``server-round``, ``local-epochs``, ``lr``, ``proximal-mu``,
+               ``model-spec`` (JSON text: model config, input dim, number of classes) and the
+               wire format (``wire-layout``, ``update-codec``, ``keep-base``, ``base-token``).
 
 Reply (site -> server), one ``RecordDict``:
-  train:    ``"arrays"`` (the locally trained state dict) + ``"metrics"`` (MetricRecord);
+  train:    ``"arrays"`` (the locally trained state dict, packed in ``update-codec``) +
+            ``"metrics"`` (MetricRecord);
   evaluate: ``"metrics"`` only;
   both carry ``"site"``: a ConfigRecord with the site's name, the round it answers
   (``server-round``) and the instruction's ``round-token`` echoed back. Nothing else.
@@ -200,6 +202,9 @@ class ReplyContract:
                    these arrays (names, shapes, dtypes), all finite.
     max_examples:  upper bound of a train reply's ``num-examples`` (the coordinator's
                    ``federation.max_site_examples``).
+    codec:         how a train reply's model is packed (:mod:`tdamil.federation.wire`,
+                   ``federation.update_codec``); the coordinator unpacks it with ``arrays`` before
+                   any check. Empty: the reply is checked as it is (a site's check of its own reply).
     """
 
     phase: str
@@ -207,6 +212,7 @@ class ReplyContract:
     round_token: str = ""
     arrays: dict[str, tuple[tuple[int, ...], str]] | None = None
     max_examples: int = 1_000_000
+    codec: str = ""
 
     @classmethod
     def for_model(cls, phase: str, server_round: int, round_token: str, arrays: ArrayRecord | None,
