@@ -62,7 +62,8 @@ class FederationConfig:
     evaluate_with_train: (with evaluate_sites) one message per site per round: the site evaluates
                        the incoming global model before it trains, and the coordinator records it as
                        the site evaluation of the previous round's model; only the last round's
-                       model gets a separate evaluate message. false: a train and an evaluate
+                       model gets a separate evaluate message, which carries only the bit-exact
+                       difference to the model each site kept from that round (docs/WIRE.md). false: a train and an evaluate
                        message every round (the older, slower path, kept for comparison).
     update_codec:      how a site sends its trained model (:mod:`tdamil.federation.wire`; every
                        message's model travels as one packed array, the global model always in
