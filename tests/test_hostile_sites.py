@@ -310,3 +310,33 @@ def test_ordinary_updates_are_not_clipped_and_no_norm_screen_means_no_clipping()
     replies = _update_replies(base, [np.ones(3), np.ones(3), 6 * np.ones(3)])
     kept, dropped = screen_updates(ArrayRecord({k: Array(v) for k, v in base.items()}), replies, None, None)
     assert np.array_equal(replies[2].content[ARRAYS]["w"].numpy(), 6 * np.ones(3, np.float32))
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_flipped_update_is_dropped_and_an_honest_one_barely_against_the_others_is_kept():
+    """Late rounds: honest updates agree only weakly (cosine ~0.2 with the others' mean) and one of
+    them can be slightly negative by chance; a flipped update is about as opposed as an honest one
+    agrees. Only the flipped one is dropped, and it does not drag the weak honest one down with it."""
+    from tdamil.federation.screening import screen_updates
+
+    rng = np.random.default_rng(1)
+    dim = 2000
+    common = rng.normal(size=dim)
+    common /= np.linalg.norm(common)
+    honest = [0.5 * common + rng.normal(size=dim) / np.sqrt(dim) for _ in range(4)]
+    mean = np.mean(honest[:3], axis=0)
+    mean /= np.linalg.norm(mean)
+    noise = rng.normal(size=dim)
+    noise -= (noise @ mean) * mean
+    size = float(np.linalg.norm(honest[0]))
+    weak = size * (noise / np.linalg.norm(noise) - 0.03 * mean)  # cosine -0.03 with the three others' mean
+    deltas = [d * 1e-2 for d in [*honest[:3], weak, -honest[3]]]
+    base = {"w": np.zeros(dim, np.float32), "steps": np.array([7], dtype=np.int64)}
+    replies = _update_replies(base, deltas)
+    kept, dropped = screen_updates(ArrayRecord({k: Array(v) for k, v in base.items()}), replies, 10.0, 0.0)
+    assert [r for r, _ in dropped] == [replies[4]], [why for _, why in dropped]
+    assert kept == replies[:4]
+    assert "points against the other sites'" in dropped[0][1]
+    # without the flipped one, the weak honest update is still kept
+    kept, dropped = screen_updates(ArrayRecord({k: Array(v) for k, v in base.items()}), replies[:4], 10.0, 0.0)
+    assert dropped == [] and kept == replies[:4]
