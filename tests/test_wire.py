@@ -153,7 +153,14 @@ def test_a_malformed_packed_reply_is_refused_and_audited_under_the_site(tmp_path
             flat = reply.content[ARRAYS][PACKED].numpy()
             reply.content[ARRAYS] = ArrayRecord({PACKED: Array(flat[:-7].copy())})
 
-    setup, events = _run(tmp_path, rounds=1, on_message=truncate, min_replies=1)
+    seen: dict[str, str] = {}
+
+    def look(msg: Message, reply: Message) -> None:
+        truncate(msg, reply)
+        if msg.metadata.message_type == "evaluate":
+            seen[str(msg.metadata.dst_node_id)] = str(msg.content[ARRAYS][PACKED].numpy().dtype)
+
+    setup, events = _run(tmp_path, rounds=1, on_message=look, min_replies=1)
     failures = [e for e in events if e["event"] == "failure"]
     assert len(failures) == 1, failures
     assert failures[0]["site"] == "site_b" and failures[0]["phase"] == "train"
@@ -162,6 +169,10 @@ def test_a_malformed_packed_reply_is_refused_and_audited_under_the_site(tmp_path
     (agg,) = [e for e in events if e["event"] == "aggregated"]
     assert agg["sites"] == ["site_a"]
     assert setup.result.failed_rounds == []
+    # the last evaluation: site_a (its reply counted) gets the difference, site_b the whole model
+    assert seen == {"1000": "uint8", "1001": "float32"}
+    rows = {(e["site"], e["via"]) for e in events if e["event"] == "site_evaluation" and e["round"] == 1}
+    assert rows == {("site_a", "evaluate message"), ("site_b", "evaluate message")}
 
 
 def _heldout_auroc(events: list[dict]) -> float:

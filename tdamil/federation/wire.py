@@ -221,14 +221,16 @@ def pack_instructions(messages: list[Message], arrays: ArrayRecord, layout: Layo
     model) that the sites in ``holders`` (node ids) kept from this round's train message; their
     (evaluate) message carries the ``xor`` difference to it instead of the model."""
     full = delta = None
-    for msg in messages:
+    for msg in messages:  # a strategy may give every message the same RecordDict: each gets its own
+        content = dict(msg.content)
         if base is None or int(msg.metadata.dst_node_id) not in holders:
             full = pack(arrays, layout) if full is None else full
-            msg.content[ARRAYS] = full
-            continue
-        delta = pack(arrays, layout, "xor", base[1]) if delta is None else delta
-        msg.content[ARRAYS] = delta
-        msg.content[CONFIG] = ConfigRecord({**msg.content[CONFIG], BASE_TOKEN: base[0]})
+            content[ARRAYS] = full
+        else:
+            delta = pack(arrays, layout, "xor", base[1]) if delta is None else delta
+            content[ARRAYS] = delta
+            content[CONFIG] = ConfigRecord({**msg.content[CONFIG], BASE_TOKEN: base[0]})
+        msg.content = RecordDict(content)
 
 
 def open_reply(reply: Message, layout: Layout, codec: str, base: np.ndarray | None) -> str | None:
