@@ -6,7 +6,8 @@ sites (``tdamil-client``: SuperNodes) on digits bags written as h5 feature cache
 1. round 1 runs with both sites and writes a checkpoint that differs from the initial model;
 2. the coordinator is killed (SIGKILL) and restarted with ``--resume``: it continues at round 2;
 3. site_b is killed in the middle of round 2: the round completes with site_a (min_sites = 1)
-   and the failure is in the audit log; the round-2 model differs from the round-1 model.
+   and the failure is in the audit log; the round-2 model differs from the round-1 model;
+4. after the run, the surviving site says "run finished; waiting for the next run" once, not ERROR.
 """
 
 from __future__ import annotations
@@ -106,6 +107,15 @@ def test_real_processes_resume_and_a_site_dying_mid_round(tmp_path):
         assert any(not torch.equal(ck1["model_state"][k], ck2["model_state"][k]) for k in init), "round 2 changed nothing"
         heldout = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert {r["round"] for r in heldout if r["phase"] == "heldout"} == {0, 1, 2}
+
+        # the run is over: the surviving site says so in one line and waits for the next run, without
+        # reporting the coordinator's closed port as an error
+        from tdamil.federation.supernode import RUN_FINISHED_LINE
+        site_log = tmp_path / "logs" / "site_a.log"
+        wait_for("site_a to say the run finished", lambda: RUN_FINISHED_LINE in site_log.read_text(), 120, procs)
+        time.sleep(3.0)  # a few more reconnection attempts
+        after = site_log.read_text().split(RUN_FINISHED_LINE, 1)[1]
+        assert site_a.poll() is None and " ERROR " not in after and "Connection refused" not in after, after[-2000:]
 
         # warm start (the default): site_a's ClientApps were forked from its pre-imported SuperExec, so no
         # round paid Python's start-up and the imports again (tdamil.client.warm_start). Measured against a
