@@ -45,3 +45,9 @@ def pytest_xdist_make_scheduler(config, log):
             return path if path in shared else nodeid
 
     return SharedFixtureScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests marked ``slow`` start first (in their files' order), so that under xdist the
+    long real-process runs overlap each other and the short tests fill the gaps at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
