@@ -16,7 +16,7 @@ from tdamil.federation.config import FederationConfig
 from tdamil.federation.records import ARRAYS
 from tdamil.federation.screening import layout_of
 from tdamil.federation.task import ModelSpec, SiteData, build_model, model_to_arrays
-from tdamil.federation.wire import PACKED, WIRE_LAYOUT, WireError, flatten, layout_from_json, pack, unpack
+from tdamil.federation.wire import PACKED, WireError, flatten, pack, unpack
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -48,7 +48,7 @@ from tdamil.federation.records import (
 )
 from tdamil.federation.screening import screen_updates
 from tdamil.federation.timeline import RoundClock
-from tdamil.federation.wire import flatten, open_reply
+from tdamil.federation.wire import DIFFERENCE_CODECS, flatten, open_reply
 
 __all__ = ["ReplyIntake"]
 
@@ -101,8 +101,8 @@ class ReplyIntake:
         # an error reply for a site that died comes from the SuperLink itself (its own node id), so
         # the site is found through the message it answers
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-        base = (flatten(global_arrays, contract.arrays) if contract.codec and global_arrays is not None
-                and contract.arrays else None)
+        base = (flatten(global_arrays, contract.arrays) if contract.codec in DIFFERENCE_CODECS
+                and global_arrays is not None and contract.arrays else None)
         sound, self.wire_bytes = [], {}
         for reply in replies:
             if reply.has_error():

@@ -47,7 +47,7 @@ Layout = dict[str, tuple[tuple[int, ...], str]]
 PACKED = "packed"
 CODECS = ("fp32", "fp16", "fp16-delta")  # the replies' codecs (federation.update_codec)
 _DTYPES = {"fp32": "float32", "fp16": "float16", "fp16-delta": "float16", "xor": "uint8"}
-_BASED = ("fp16-delta", "xor")  # codecs that are a difference to a model both sides hold
+DIFFERENCE_CODECS = ("fp16-delta", "xor")  # codecs that are a difference to a model both sides hold
 # instruction config keys
 WIRE_LAYOUT = "wire-layout"    # the global model's layout, JSON [[name, shape, dtype], ...]
 UPDATE_CODEC = "update-codec"  # how the site packs its reply
@@ -117,7 +117,7 @@ def pack(arrays: ArrayRecord, layout: Layout, codec: str = "fp32", base: np.ndar
     if codec not in _DTYPES:
         raise WireError(f"unknown codec {codec!r}")
     flat = flatten(arrays, layout)
-    if codec in _BASED and (base is None or base.shape != flat.shape):
+    if codec in DIFFERENCE_CODECS and (base is None or base.shape != flat.shape):
         raise WireError(f"codec {codec} needs the model it is a difference to")
     if codec == "fp32":
         payload = flat
@@ -149,7 +149,7 @@ def unpack(record: ArrayRecord, layout: Layout, codec: str = "fp32", base: np.nd
         raise WireError(f"its packed array is {packed.dtype}{list(shape)}, the model in codec {codec} is "
                         f"{want}[{size if codec != 'xor' else 'n'}]")
     payload = packed.numpy()
-    if codec in _BASED and (base is None or base.size != size):
+    if codec in DIFFERENCE_CODECS and (base is None or base.size != size):
         raise WireError(f"codec {codec} needs the model it is a difference to")
     if codec == "fp32":
         flat = payload
@@ -209,7 +209,7 @@ def pack_reply(reply: Message, opened: Message) -> Message:
     cfg = opened.content[CONFIG]
     layout = layout_from_json(str(cfg.get(WIRE_LAYOUT, "[]")))
     codec = str(cfg.get(UPDATE_CODEC, "fp32"))
-    base = flatten(opened.content[ARRAYS], layout) if codec in _BASED else None
+    base = flatten(opened.content[ARRAYS], layout) if codec in DIFFERENCE_CODECS else None
     reply.content[ARRAYS] = pack(reply.content[ARRAYS], layout, codec, base)
     return reply
 
