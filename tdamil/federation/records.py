@@ -24,7 +24,8 @@ One message per site per round: with ``evaluate-global`` true in the train confi
 evaluates the INCOMING global model (the previous round's result) on its validation split, then
 trains; the coordinator records those ``global-<k>`` metrics as the site evaluation of round r-1's
 global model. A separate evaluate message is sent only for the last round's model (or when
-``federation.evaluate_with_train`` is false).
+``federation.evaluate_with_train`` is false); it carries the bit-exact difference to the model the
+site kept from the round's train message (``keep-base``), see :mod:`tdamil.federation.wire`.
 
 Train metrics always carry the same keys: ``num-examples`` (training slides, the FedAvg weight),
 ``train-loss``, ``train-seconds``, ``global-<k>`` (the incoming global model on the validation
