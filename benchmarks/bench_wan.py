@@ -8,6 +8,7 @@ for delay, htb for rate, cls_bpf for loss, relay pauses for cuts). Needs root (`
     sudo .venv/bin/python benchmarks/bench_wan.py --scenario plain --rounds 3
     sudo .venv/bin/python benchmarks/bench_wan.py --scenario wan80 --rounds 3
     sudo .venv/bin/python benchmarks/bench_wan.py --scenario wan80 --dim 512 --depth 2 --rounds 2
+    sudo .venv/bin/python benchmarks/bench_wan.py --scenario wan80 --dim 512 --depth 2 --rounds 2 --codec fp16-delta
     sudo .venv/bin/python benchmarks/bench_wan.py --scenario cut --reps 3
 
 Each run appends one JSON line to ``--out`` (default benchmarks/results/wan.jsonl) and prints a
@@ -67,7 +68,7 @@ def run_once(args: argparse.Namespace, spec: LinkSpec, work: Path) -> dict:
     fleet, internal = free_port(), free_port()
     sites = [f"site_{c}" for c in "abcdefgh"[: args.sites]]
     fed = {"rounds": args.rounds, "min_sites": args.sites, "min_replies": max(1, args.sites - 1),
-           "round_timeout_s": args.deadline, "wait_for_sites_s": 300}
+           "round_timeout_s": args.deadline, "wait_for_sites_s": 300, "update_codec": args.codec}
     paths = write_demo_federation(work, num_sites=args.sites, train_bags=8, val_bags=4, test_bags=4, heldout_bags=10,
                                   model={"name": "tdamil", "dim": args.dim, "depth": args.depth, "num_heads": 2},
                                   federation=fed, superlink=f"127.0.0.1:{fleet}", internal_port=internal,
@@ -75,7 +76,8 @@ def run_once(args: argparse.Namespace, spec: LinkSpec, work: Path) -> dict:
     wan = Wan(work / "wan")
     procs: list[ManagedProcess] = []
     result: dict = {"scenario": args.scenario, "link": vars(spec), "dim": args.dim, "depth": args.depth,
-                    "sites": args.sites, "rounds": args.rounds, "deadline_s": args.deadline, "tls": not args.insecure}
+                    "sites": args.sites, "rounds": args.rounds, "deadline_s": args.deadline, "tls": not args.insecure,
+                    "update_codec": args.codec}
     try:
         links = {}
         for site in sites:
@@ -176,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--depth", type=int, default=1)
     ap.add_argument("--deadline", type=float, default=120.0, help="federation.round_timeout_s")
     ap.add_argument("--cut-seconds", type=float, default=90.0)
+    ap.add_argument("--codec", default="fp32", choices=("fp32", "fp16", "fp16-delta"),
+                    help="federation.update_codec (how sites send their model)")
     ap.add_argument("--insecure", action="store_true", help="plaintext (default: TLS and registered keys)")
     ap.add_argument("--max-seconds", type=float, default=900.0)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "wan.jsonl")
