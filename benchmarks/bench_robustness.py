@@ -106,7 +106,7 @@ def _watch_screens(seen: list[list[dict]]) -> None:
     intake.screen_updates = watched
 
 
-def run(rule: dict, condition: str, seed: int) -> dict:
+def run(rule: dict, condition: str, seed: int, *, keep_model: bool = False) -> dict:
     import logging
 
     import torch
@@ -140,10 +140,11 @@ def run(rule: dict, condition: str, seed: int) -> dict:
             if tamper is not None and msg.metadata.dst_node_id == hostile:
                 tamper(msg, reply)
 
-        run_federation(cfg, sims, Path(out), on_message=on_message)
+        setup = run_federation(cfg, sims, Path(out), on_message=on_message)
         events = [json.loads(x) for x in (Path(out) / "audit.jsonl").read_text().splitlines()]
     aggregated = {e["round"]: e["sites"] for e in events if e["event"] == "aggregated"}
-    return {"auroc": float([e for e in events if e["event"] == "heldout_evaluation"][-1]["metrics"]["auroc"]),
+    extra = {"model": setup.result.arrays, "in_dim": sims.in_dim} if keep_model else {}
+    return extra | {"auroc": float([e for e in events if e["event"] == "heldout_evaluation"][-1]["metrics"]["auroc"]),
             "aggregated": [aggregated.get(r) for r in range(1, 5)], "screens": seen,
             "screens_acted": any(not x["kept"] or x["clipped"] for rows in seen for x in rows),
             "honest_dropped": sum(s != "site_e" for r in range(1, 5) for s in SITES if s not in (aggregated.get(r) or []))}
@@ -227,6 +228,50 @@ def markdown(results: dict, rules: list[str], attacks: list[str], seeds: list[in
     return out + [""] + per_seed
 
 
+def _noise_job(rule_name: str, condition: str, seed: int, big: int) -> dict:
+    """One federation, then its final model's held-out scores on the run's 200-bag cohort and on a
+    ``big``-bag cohort drawn from the same held-out images (the sites' data are drawn first, so
+    they are the same)."""
+    from tdamil.data.digits import DigitsBagsConfig, make_digits_sites
+    from tdamil.federation.task import ModelSpec, build_model, load_arrays
+    from tdamil.train.engine import evaluate as evaluate_bags
+
+    result = run(RULES[rule_name], condition, seed, keep_model=True)
+    model = build_model(ModelSpec({"name": "tdamil", "dim": 32, "depth": 1, "num_heads": 2}, result["in_dim"], 2),
+                        seed=None)
+    load_arrays(model, result["model"])
+    out = {"auroc": result["auroc"]}
+    for name, n in (("cohort", 200), ("big", big)):
+        bags = DigitsBagsConfig(num_train_bags=40, num_val_bags=6, num_test_bags=n, mean_bag_size=6, seed=seed)
+        held = make_digits_sites(bags, len(SITES), site_test_bags=4, site_names=SITES).held_out
+        res = evaluate_bags(model, held)
+        out[name] = {"labels": np.asarray(res.labels).tolist(), "p": np.asarray(res.probs)[:, 1].tolist()}
+    return out
+
+
+def cohort_noise(rule: str, seed: int, big: int, jobs: int) -> dict:
+    """How much of 'site_e absent vs honest' is the 200-bag cohort's noise: the paired bootstrap of
+    the AUROC difference over the cohort's bags, and the difference on a ``big``-bag cohort."""
+    from sklearn.metrics import roc_auc_score
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        none, absent = (f.result() for f in [pool.submit(_noise_job, rule, c, seed, big) for c in ("none", "absent")])
+    out = {"rule": rule, "seed": seed, "run_auroc": {"none": none["auroc"], "absent": absent["auroc"]}}
+    rng = np.random.default_rng(0)
+    for name in ("cohort", "big"):
+        y = np.asarray(none[name]["labels"])
+        p0, p1 = np.asarray(none[name]["p"]), np.asarray(absent[name]["p"])
+        diffs = []
+        for _ in range(2000):
+            i = rng.integers(0, len(y), len(y))
+            if 0 < y[i].sum() < len(i):
+                diffs.append(roc_auc_score(y[i], p1[i]) - roc_auc_score(y[i], p0[i]))
+        out[name] = {"bags": int(len(y)), "delta": roc_auc_score(y, p1) - roc_auc_score(y, p0),
+                     "bootstrap_sd": float(np.std(diffs)), "ci95": [float(np.percentile(diffs, 2.5)),
+                                                                    float(np.percentile(diffs, 97.5))]}
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -234,7 +279,16 @@ def main() -> int:
     parser.add_argument("--rules", nargs="+", default=list(RULES))
     parser.add_argument("--jobs", type=int, default=2, help="federations at a time (one process, one thread each)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "robustness.json")
+    parser.add_argument("--cohort-noise", type=int, metavar="BAGS", default=0,
+                        help="instead: site_e honest vs absent under the first rule, per seed, on the run's cohort "
+                             "(paired bootstrap) and on a cohort of BAGS bags")
     args = parser.parse_args()
+    if args.cohort_noise:
+        rows = [cohort_noise(args.rules[0], s, args.cohort_noise, args.jobs) for s in args.seeds]
+        path = args.out.with_name(args.out.stem + "_cohort_noise.json")
+        path.write_text(json.dumps(rows, indent=1))
+        print(json.dumps(rows, indent=1))
+        return 0
     unknown = [r for r in args.rules if r not in RULES]
     if unknown:
         parser.error(f"unknown rules {unknown}; choose from {list(RULES)}")
