@@ -36,11 +36,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 SITES = ["site_a", "site_b", "site_c", "site_d", "site_e"]
 SCREENS_OFF = {"update_norm_factor": None, "update_min_cosine": None}
+# Krum and MultiKrum with f=1 need n >= 2f + 3 = 5 replies every round: with five sites, a round in
+# which one site is refused (or absent) cannot aggregate, so they run with min_replies 5
 ROBUST = {
     "fedmedian": {"strategy": "fedmedian"},
     "fedtrimmedavg (beta 0.2)": {"strategy": "fedtrimmedavg", "trim_beta": 0.2},
-    "krum (f=1)": {"strategy": "krum", "faulty_sites": 1},
-    "multikrum (f=1, 3 kept)": {"strategy": "multikrum", "faulty_sites": 1, "krum_select": 3},
+    "krum (f=1)": {"strategy": "krum", "faulty_sites": 1, "min_replies": 5},
+    "multikrum (f=1, 3 kept)": {"strategy": "multikrum", "faulty_sites": 1, "krum_select": 3, "min_replies": 5},
 }
 RULES = {"fedavg + screens": {"strategy": "fedavg"}, "fedavg, screens off": {"strategy": "fedavg"} | SCREENS_OFF}
 for _name, _rule in ROBUST.items():
@@ -277,6 +279,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--attacks", nargs="+", default=ATTACKS)
     parser.add_argument("--rules", nargs="+", default=list(RULES))
+    parser.add_argument("--baselines", nargs="+", default=["none", "absent"], choices=["none", "absent"])
     parser.add_argument("--jobs", type=int, default=2, help="federations at a time (one process, one thread each)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "robustness.json")
     parser.add_argument("--cohort-noise", type=int, metavar="BAGS", default=0,
@@ -299,7 +302,7 @@ def main() -> int:
         for line in runs_path.read_text().splitlines():
             row = json.loads(line)
             done[row["key"]] = row
-    conditions = ["none", "absent", *args.attacks]
+    conditions = [*args.baselines, *args.attacks]
     jobs = [(r, c, s) for r in args.rules for c in conditions for s in args.seeds]
     # a baseline without screens is the same federation as with them when the screens did nothing
     # in that run (no update dropped or clipped): reuse it instead of running it again
