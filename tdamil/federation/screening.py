@@ -25,9 +25,10 @@ update from raising its own bar. Honest sites differ in update norm by their num
 (slides x epochs); a factor of 10 leaves room for a site with many more slides before it is
 refused, and clipping at 2x lets such a site count fully, at twice a typical site's step at most.
 An update scaled x10 sits at the refusal bar (7-15x the others' median in the benchmark: it passed
-in most rounds and cost FedAvg up to 0.20 AUROC); clipped to 2x it moves AUROC by < 0.01. Honest
-sites of the benchmark's five ranged from 0.75x to 1.45x the others' median (tuning seeds 10-12,
-benchmarks/robustness.md), so 2x leaves an honest round untouched there.
+in most rounds and cost FedAvg up to 0.20 AUROC on tuning seeds 10-12); clipped to 2x, at most
+0.01 against the run without that site. Honest sites of the benchmark's five ranged from 0.75x to
+1.43x the others' median on seeds 10-12 (0.66x-1.65x on seeds 0-2; benchmarks/robustness.md), so
+2x leaves an honest round untouched there.
 
 A sign-flipped update has an ordinary norm but the wrong direction. Honest updates agree (cosine
 with the others' mean ~0.7 in round 1, 0.0-0.3 by rounds 3-4: late updates are nearly orthogonal,
