@@ -53,13 +53,14 @@ def render(doc: dict) -> str:
     close = [r["federated_minus_centralised"] for r in doc["per_seed"]]
     seeds = ", ".join(str(s) for s in doc["seed_values"])
     wins = [len(r["sites_federated_beats_local_own"]) for r in doc["per_seed"]]
+    wins_text = f"{min(wins)}" if min(wins) == max(wins) else f"{min(wins)} to {max(wins)}"
     return (f"{START}\nOn the reference run ([benchmarks/results/sim_digits.json](benchmarks/results/sim_digits.json); "
             f"seeds {seeds}, each with its own sites, bags and initial weights): mean per-site AUROC federated "
             f"{_pm(m['federated_auroc'])}, centralised {_pm(m['centralised_auroc'])}, local-only "
             f"{_pm(m['local_own_auroc'])} (mean ± sd over seeds); per seed, federated - local-only "
             f"{min(gaps):+.3f} to {max(gaps):+.3f} and federated - centralised {min(close):+.3f} to {max(close):+.3f}; "
             f"federated beats local-only (paired DeLong test on the seed's slides, Holm p < {alpha:g}) on "
-            f"{min(wins)} to {max(wins)} of the {len(fed_loc)} sites per seed. "
+            f"{wins_text} of the {len(fed_loc)} sites per seed. "
             f"Per site, pooled over seeds and slides (random-effects pool of each seed's paired DeLong test, "
             f"Holm-adjusted), federated beats local-only on {better} of {len(fed_loc)} sites and cannot be told apart "
             f"from centralised on {apart} of {len(fed_cen)} (per site and per seed in `seeds_summary.md`).\n{END}")
