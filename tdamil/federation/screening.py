@@ -157,15 +157,18 @@ def screen_updates(global_arrays: ArrayRecord, replies: list[Message], factor: f
     kept = [r for i, r in enumerate(replies) if i not in why]
     dropped = [(r, why[i]) for i, r in enumerate(replies) if i in why]
     if factor is not None and clip_factor is not None:
-        clip_updates(global_arrays, kept, min(clip_factor, factor))
+        clip_updates(global_arrays, kept, min(clip_factor, factor),
+                     deltas=[d for i, d in enumerate(deltas) if i not in why])
     return kept, dropped
 
 
-def clip_updates(global_arrays: ArrayRecord, replies: list[Message], factor: float) -> list[str]:
+def clip_updates(global_arrays: ArrayRecord, replies: list[Message], factor: float,
+                 deltas: list[np.ndarray] | None = None) -> list[str]:
     """Scale, in place, each update whose norm exceeds ``factor`` times the median norm of the
     OTHER replies' updates down to that bound (``w_global + s (w_site - w_global)``, same dtype);
-    its direction is kept. Returns one line per clipped update (also logged)."""
-    deltas = updates(global_arrays, replies)
+    its direction is kept. ``deltas``: the replies' :func:`updates` where the caller has them.
+    Returns one line per clipped update (also logged)."""
+    deltas = updates(global_arrays, replies) if deltas is None else deltas
     norms = [float(np.linalg.norm(d)) for d in deltas]
     bounds = [factor * float(np.median(o)) if (o := [n for j, n in enumerate(norms) if j != i and n > 0]) else None
               for i in range(len(replies))]
