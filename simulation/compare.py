@@ -23,7 +23,7 @@ import math
 import time
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -36,10 +36,11 @@ from tdamil.simulation.crossval import summarise_folds
 from tdamil.simulation.report import MODELS, CISettings, TargetPredictions, comparison_row, paired_rows, write_comparison
 from tdamil.simulation.sites import SimSites
 from tdamil.train.engine import evaluate
+from tdamil.train.faithfulness import Faithfulness, check_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["train_baseline", "compare", "pooled_difference", "summarise_seeds", "write_seed_summary"]
+__all__ = ["train_baseline", "compare", "map_checks", "pooled_difference", "summarise_seeds", "write_seed_summary"]
 
 
 def train_baseline(cfg: SimConfig, spec: ModelSpec, dataset: Any, epochs: int) -> Any:
@@ -49,23 +50,66 @@ def train_baseline(cfg: SimConfig, spec: ModelSpec, dataset: Any, epochs: int) -
     return model
 
 
+def _checked_bags(site: Any) -> tuple[Any, str]:
+    """The bags a site's maps are checked on: its validation split (its training split where it has none)."""
+    return (site.val, "validation") if site.val is not None and len(site.val) else (site.train, "training")
+
+
+def _map_record(model: Any, bags: Any, kind: str, who: str, seed: int, indices: Optional[list[int]] = None) -> dict[str, Any]:
+    """One model's deletion check (label-free) as comparison.json records it."""
+    if int(bags.num_classes) != 2:
+        check = Faithfulness(-1, math.nan, math.nan, math.nan, "n/a", note="not a two-class model")
+    else:
+        check = check_model(model, bags, seed=seed, indices=indices)
+    return {"bags": kind, "checked": max(check.bags, 0), "deletion_gap": check.mean_gap,
+            "positive_share": check.positive, "sign_test_p": check.p_value, "verdict": check.verdict,
+            "sentence": check.sentence(f"the relevance map of {who}")}
+
+
+def map_checks(sims: SimSites, global_model: Any, central: Any, local: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+    """Is each compared model's relevance map faithful? The label-free deletion check
+    (:mod:`tdamil.train.faithfulness`, as ``tdamil-train`` runs it) on the model's validation bags:
+    the federated and centralised models on every site's validation bags (taken in turn from each
+    site, so one site does not fill the quota), each local-only model on its own site's."""
+    parts = [_checked_bags(s) for s in sims.sites.values()]
+    pooled = ConcatBagDataset([bags for bags, _ in parts])
+    starts = np.cumsum([0] + [len(b) for b, _ in parts])
+    order = [int(starts[k] + i) for i in range(max(len(b) for b, _ in parts))
+             for k, (b, _) in enumerate(parts) if i < len(b)]
+    kind = "validation" if all(k == "validation" for _, k in parts) else "validation (training where a site has none)"
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"federated": _map_record(global_model, pooled, kind, "the federated model", seed, order),
+                           "centralised": _map_record(central, pooled, kind, "the centralised model", seed, order),
+                           "local_own": {name: _map_record(local[name], *_checked_bags(s), f"the local-only model of {name}", seed)
+                                         for name, s in sims.sites.items()}}
+    for rec in [out["federated"], out["centralised"], *out["local_own"].values()]:
+        (logger.warning if rec["verdict"] == "not faithful" else logger.info)("%s.", rec["sentence"])
+    logger.info("Relevance maps checked in %.1f s.", time.perf_counter() - t0)
+    return out
+
+
 def compare(cfg: SimConfig, sims: SimSites, global_model: Any, spec: ModelSpec, out_dir: Path) -> list[dict[str, Any]]:
-    """Centralised and local-only baselines at the same budget; per-site comparison table + plots."""
+    """Centralised and local-only baselines at the same budget; per-site comparison table + plots;
+    every model's relevance map checked (:func:`map_checks`)."""
     budget = cfg.federation.rounds * cfg.federation.local_epochs
     logger.info("Baselines at the same budget: %d epochs each (centralised + %d local-only).", budget, len(sims.sites))
     t0 = time.perf_counter()
     central = train_baseline(cfg, spec, ConcatBagDataset([s.train for s in sims.sites.values()]), budget)
     local = {name: train_baseline(cfg, spec, s.train, budget) for name, s in sims.sites.items()}
     logger.info("Baselines trained in %.1f s.", time.perf_counter() - t0)
+    maps = map_checks(sims, global_model, central, local, seed=cfg.federation.seed)
     targets = {name: s.test for name, s in sims.sites.items()}
     targets.update({f"held-out:{k}": v for k, v in sims.held_out.items()})
     ci = CISettings(seed=cfg.federation.seed)
     rows, pairs = [], []
     for target, ds in targets.items():
         t = _predict_target(target, ds, global_model, central, local)
+        t.maps = {"federated": maps["federated"], "centralised": maps["centralised"]}
+        if target in maps["local_own"]:
+            t.maps["local_own"] = maps["local_own"][target]
         rows.append(comparison_row(t, ci))
         pairs += paired_rows(t, ci)
-    write_comparison(rows, pairs, out_dir, budget, ci)
+    write_comparison(rows, pairs, out_dir, budget, ci, extra={"relevance_maps": maps})
     return rows
 
 

@@ -7,6 +7,10 @@ gets the difference of its metrics with interval and p-value (DeLong's test for 
 applies, else the paired bootstrap), Holm-adjusted over all pairs of the report, and a plain
 verdict that says when two results cannot be told apart.
 
+Each model's relevance map is checked too (label-free deletion check on its validation bags,
+``compare.map_checks``): ``<model>_deletion_gap`` and ``<model>_map`` (the verdict) in every row, a
+table in ``comparison.md``, the full records under ``relevance_maps`` in ``comparison.json``.
+
 Written: ``comparison.csv`` (one row per target), ``comparison.json`` (rows, pairs, settings),
 ``comparison.md`` and ``plots/comparison_<target>.png`` (bars with CI error bars). A value that does
 not exist (no local model of a held-out cohort, a one-class target) is an empty CSV cell, null in
@@ -55,6 +59,7 @@ class TargetPredictions:
     patients: list[str]
     probs: dict[str, np.ndarray] = field(default_factory=dict)  # model name -> [n, C]
     local_mean_auroc: float = math.nan  # mean AUROC of all local-only models on this target
+    maps: dict[str, dict[str, Any]] = field(default_factory=dict)  # model name -> its deletion check (compare.map_checks)
 
 
 def comparison_row(t: TargetPredictions, ci: CISettings) -> dict[str, Any]:
@@ -68,6 +73,10 @@ def comparison_row(t: TargetPredictions, ci: CISettings) -> dict[str, Any]:
         for metric, iv in ivs.items():
             row.update(iv.as_dict(f"{model}_{metric}"))
     row["local_mean_auroc"] = t.local_mean_auroc
+    for model in MODELS:  # the relevance map's deletion check, on the model's validation bags (not this target's)
+        check = t.maps.get(model) or {}
+        row[f"{model}_deletion_gap"] = check.get("deletion_gap", math.nan)
+        row[f"{model}_map"] = check.get("verdict")
     return row
 
 
@@ -120,6 +129,17 @@ def _markdown(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], budget: i
                 cells.append(format_interval(Interval(r["local_mean_auroc"], math.nan, math.nan)))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    if any(f"{m}_map" in r for r in rows for m in MODELS):
+        lines += ["## Relevance maps: are they faithful?", "",
+                  "Label-free deletion check (as `tdamil-train` runs it) of each model's per-patch scores on its "
+                  "validation bags (federated, centralised: every site's; local own: its site's), so the federated and "
+                  "centralised cells repeat on every target. Each cell: mean deletion gap (how much more the positive "
+                  "probability drops when the top-scored patches are removed than when as many random patches are) "
+                  "and the verdict; NOT faithful: do not read that model's heatmaps as evidence. n/a: no per-patch "
+                  "scores (TransMIL, transformer MIL, mean pooling), no slide predicted positive, or no such model.", "",
+                  "| evaluated on | federated | centralised | local own |", "|---|---:|---:|---:|"]
+        lines += ["| " + " | ".join([str(r["evaluated_on"])] + [_map_cell(r, m) for m in MODELS]) + " |" for r in rows]
+        lines.append("")
     means = site_means(rows)
     if any(math.isfinite(v) for v in means.values()):
         lines += ["Mean AUROC over the sites' test splits: " + ", ".join(
@@ -147,6 +167,14 @@ def _markdown(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], budget: i
                          f"{said} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _map_cell(row: dict[str, Any], model: str) -> str:
+    verdict, gap = row.get(f"{model}_map"), row.get(f"{model}_deletion_gap")
+    if verdict in (None, "", "n/a"):
+        return "n/a"
+    said = "NOT faithful" if verdict == "not faithful" else verdict
+    return f"{gap:.3f} {said}" if isinstance(gap, float) and math.isfinite(gap) else said
 
 
 def _diff(pair: dict[str, Any], metric: str) -> Difference:

@@ -42,6 +42,16 @@ def test_simulate_command_writes_comparison_and_plots(tmp_path):
     assert "| site_a |" in (out / "comparison.md").read_text()
     assert len(list((out / "plots").glob("comparison_*.png"))) == 3
     assert (out / "checkpoints" / "last.pt").exists() and (out / "audit.jsonl").exists()
+    # every compared model's relevance map checked on its validation bags (label-free), in every output
+    import json
+
+    maps = json.loads((out / "comparison.json").read_text())["relevance_maps"]
+    assert set(maps["local_own"]) == {"site_a", "site_b"} and maps["federated"]["bags"] == "validation"
+    for r in rows:
+        assert r["federated_map"] in {"faithful", "not faithful", "n/a"} and r["federated_map"] == maps["federated"]["verdict"]
+    assert rows[2]["local_own_map"] == ""  # no local model of a held-out cohort
+    assert "## Relevance maps: are they faithful?" in (out / "comparison.md").read_text()
+    assert "Relevance maps: the deletion check" in (out / "report.html").read_text()
 
 
 def test_manifest_cohorts_become_sites_with_one_held_out(tmp_path, capsys):

@@ -4,7 +4,8 @@ Written from the files the run already keeps, so it can be regenerated at any ti
 does so after every round; the simulation once more after its comparison): ``metrics.jsonl``
 (learning curves, held-out metrics, DP epsilon), ``audit.jsonl`` (run status, per-site status,
 failures, the sites' software and feature records) and, for simulations, ``comparison.json``
-(federated vs centralised vs local-only, with 95 % CIs and Holm-adjusted paired tests).
+(federated vs centralised vs local-only, with 95 % CIs and Holm-adjusted paired tests; each model's
+relevance-map check, a model whose map fails it flagged in plain words under the headline).
 
 The page opens with what a consortium lead asks first: the run's name, whether it is live
 (reloading itself), finished or failed, and one headline sentence with the verdicts and their
@@ -322,6 +323,43 @@ def _comparison(doc: dict[str, Any] | None, problem: str | None) -> str:
                if pairs else ""))
 
 
+def _map_checks(doc: dict[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
+    """(model in words, its deletion check) for every model comparison.json checked (``relevance_maps``)."""
+    maps = (doc or {}).get("relevance_maps") or {}
+    out = [(f"the {m} model", maps[m]) for m in ("federated", "centralised") if isinstance(maps.get(m), dict)]
+    return out + [(f"the local-only model of {site}", rec) for site, rec in (maps.get("local_own") or {}).items()
+                  if isinstance(rec, dict)]
+
+
+def _map_flags(doc: dict[str, Any] | None) -> str:
+    """One plain sentence per model whose relevance map failed the deletion check (next to the headline)."""
+    said = []
+    for who, rec in _map_checks(doc):
+        if rec.get("verdict") == "not faithful":
+            gap, p = finite(rec.get("deletion_gap")), finite(rec.get("sign_test_p"))
+            said.append(f"The relevance map of {who} is not faithful: deleting its top-scored patches changes the "
+                        f"predicted probability about as much as deleting as many random ones (deletion gap "
+                        f"{_fmt(gap)}, {rec.get('checked')} {rec.get('bags', 'validation')} slides, sign test p "
+                        f"{'= n/a' if p is None else ('< 0.001' if p < 0.001 else f'= {p:.3f}')}); do not read its "
+                        "heatmaps as evidence.")
+    return "".join(f'<p class="bad map-flag">{_e(t)}</p>' for t in said)
+
+
+def _maps(doc: dict[str, Any] | None) -> str:
+    checks = _map_checks(doc)
+    if not checks:
+        return ""
+    verdict = {"faithful": _Html('<span class="ok">faithful</span>'), "not faithful": _Html('<span class="bad">NOT faithful</span>')}
+    rows = [[who[4:], verdict.get(rec.get("verdict"), rec.get("verdict") or "n/a"), finite(rec.get("deletion_gap")),
+             rec.get("checked"), rec.get("bags"), _p(finite(rec.get("sign_test_p")))] for who, rec in checks]
+    return ("<h3>Relevance maps: the deletion check</h3>" + _table(
+        ["model", "map", "deletion gap", "slides checked", "bags", "sign test p"], rows, left=2)
+        + '<p class="muted">Label-free: each model\'s top-scored patches are deleted and, separately, as many random '
+        "ones; the gap is how much more the predicted positive probability drops for the former (a faithful map: 0.2 "
+        "or more, with a sign test over slides). n/a: no per-patch scores (TransMIL, transformer MIL) or no slide "
+        "predicted positive.</p>")
+
+
 def _heldout(rows: list[dict[str, Any]]) -> str:
     held = [r for r in rows if r.get("phase") == "heldout"]
     if not held:
@@ -440,8 +478,8 @@ def render_run_report(out_dir: str | Path, title: str | None = None) -> str:
     curves = learning_curves_img(rows) or '<p class="muted">No evaluation yet.</p>'
     parts = [(f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8>{refresh}<title>{_e(name)}: run report</title>"
               f"<style>{_CSS}</style></head><body><h1>{_e(name)}</h1>"),
-             '<p class="muted">Federated run report</p>', _banner(st), f'<p id="headline" class="headline">{_e(headline)}</p>', _site_means(doc) if doc else "",
-             "<h2>Comparison</h2>", _comparison(doc, problem), "<h2>Learning curves</h2>", curves,
+             '<p class="muted">Federated run report</p>', _banner(st), f'<p id="headline" class="headline">{_e(headline)}</p>', _map_flags(doc), _site_means(doc) if doc else "",
+             "<h2>Comparison</h2>", _comparison(doc, problem), _maps(doc), "<h2>Learning curves</h2>", curves,
              "<h2>Held-out metrics</h2>", _heldout(rows), '<h2 id="sites">Sites</h2>', _participation(audit),
              "<h3>Software and features</h3>", _handshakes(audit), _contract(out),
              "<h2>Failures</h2>", _failures(audit), "<h2>Privacy</h2>", _privacy(rows),

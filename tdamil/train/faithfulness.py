@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import numpy as np
@@ -71,6 +72,8 @@ class Faithfulness:
     positive:   share of bags whose gap is > 0.
     p_value:    one-sided sign test that gaps are positive more often than not.
     verdict:    ``faithful`` | ``not faithful`` | ``n/a`` (no scores, or no predicted-positive bag).
+    note:       why there is no verdict, where :meth:`sentence` cannot tell from ``bags`` alone
+                (e.g. ``not a two-class model``).
     """
 
     bags: int
@@ -78,6 +81,7 @@ class Faithfulness:
     positive: float
     p_value: float
     verdict: str
+    note: str = ""
 
     @property
     def flagged(self) -> bool:
@@ -86,7 +90,8 @@ class Faithfulness:
     def sentence(self, what: str = "the relevance map") -> str:
         """The verdict in plain words (logs, reports, heatmap notes)."""
         if self.verdict == "n/a":
-            return f"{what}: faithfulness not checked ({'no per-patch scores' if self.bags < 0 else 'no slide predicted positive'})"
+            why = self.note or ("no per-patch scores" if self.bags < 0 else "no slide predicted positive")
+            return f"{what}: faithfulness not checked ({why})"
         if self.verdict == "faithful":
             return (f"{what} is faithful: deleting its top patches lowers the positive probability by "
                     f"{self.mean_gap:.2f} more than deleting random ones ({self.bags} slides, p = {self.p_value:.2g})")
@@ -167,13 +172,15 @@ def summarise(deletions: list[BagDeletion], has_scores: bool = True) -> Faithful
 
 @torch.no_grad()
 def check_model(model: torch.nn.Module, dataset: Any, *, max_bags: int = 64, draws: int = 4, seed: int = 0,
-                device: Any = None) -> Faithfulness:
+                device: Any = None, indices: Optional[Sequence[int]] = None) -> Faithfulness:
     """The deletion check over up to ``max_bags`` bags of ``dataset`` the model predicts positive
-    (binary models; labels are never read)."""
+    (binary models; labels are never read), taken in the order of ``indices`` (all bags in order by
+    default: a pooled dataset can be interleaved so that its first part does not fill the quota)."""
     dev = device if device is not None else next(model.parameters()).device
     deletions: list[BagDeletion] = []
     has_scores = True
-    for i in range(len(dataset)):
+    for i in (range(len(dataset)) if indices is None else indices):
+        i = int(i)
         if len(deletions) >= max_bags:
             break
         features = dataset[i].features.to(dev)
