@@ -177,7 +177,8 @@ def step_simulate(device: torch.device, tiny: bool, work: Path) -> dict[str, Any
     cfg["train"].pop("device", None)  # the device follows resources.num_gpus (tdamil.simulation.config)
     cfg["resources"] = {"num_gpus": 1 if device.type == "cuda" else 0}
     cfg["baselines"] = False
-    if tiny:
+    if tiny:  # one seed: the check is that the device trains, not the spread over seeds
+        cfg["seeds"] = [0]
         cfg["data"]["digits"]["site_test_bags"] = 20
         cfg["data"]["digits"]["bags"].update(num_train_bags=12, num_val_bags=8, num_test_bags=40)
     path = work / "sim_digits.yaml"

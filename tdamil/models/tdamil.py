@@ -200,6 +200,15 @@ class TDAMIL(TransformerMIL):
         self.blocks_td: nn.ModuleList | None = None if cfg.share_weights else self._make_blocks(cfg)
         self.norm_td: nn.LayerNorm | None = None if cfg.share_weights else nn.LayerNorm(d)
 
+    def start_candidate(self, seed: int) -> "TDAMIL":
+        """A fresh, untrained model of the same configuration from the initial weights of ``seed``
+        (the global RNG untouched), on this model's device: one of the candidate starts of
+        ``TDAMILConfig.start_candidates``."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fresh = type(self)(self.cfg, self.in_dim, self.num_classes)
+        return fresh.to(self.task_token.device)
+
     @property
     def task_token_started(self) -> bool:
         """``task_token_ready`` read as a flag (> 0.5: FedAvg and DP noise make it a real number)."""

@@ -108,6 +108,16 @@ class TDAMILConfig(TransformerMILConfig):
             candidates, and the one whose selection logit separates the labelled bags best (bag
             AUROC, bag labels only) is kept. 0: off. A subsample of ``task_init_keep`` tokens per
             bag is held for it (at most 256 x 512 x d floats).
+        start_candidates: restarts judged on the validation bags (``tdamil.train.engine.fit`` only:
+            ``tdamil-train``; a federation's rounds start from the global model). ``K`` > 1: the model
+            and ``K - 1`` copies from other initial weights (so other contrast starts of ``T``) are each
+            trained ``start_candidate_epochs`` epochs on the same bags in the same order; the one with
+            the lowest validation objective (cross-entropy + the selection objective on the
+            validation bags: bag labels only, never instance labels) is kept and trained on. A start
+            whose ``T`` settled among look-alike patches scores a selection objective near chance on
+            bags it was not started on. 1 (default): off. Costs ``(K - 1) x start_candidate_epochs``
+            extra epochs, not more per epoch.
+        start_candidate_epochs: epochs each candidate is trained before the choice (3).
         proj_init: ``"data"`` (default): the input projection's bias is shifted so that the
             projected patch tokens have zero mean (with ``"contrast"``: over the bags it reads, each
             bag weighted equally; otherwise over the first training bag). This removes the shared
@@ -174,6 +184,8 @@ class TDAMILConfig(TransformerMILConfig):
     task_init_refine: int = 8
     task_init_keep: int = 512
     task_init_top: float = 0.02
+    start_candidates: int = 1
+    start_candidate_epochs: int = 3
     proj_init: Literal["data", "random"] = "data"
     selection_grad: Literal["leaky", "exact"] = "leaky"
     selection_slope: float = 0.1
@@ -192,6 +204,8 @@ class TDAMILConfig(TransformerMILConfig):
             raise ValueError(f"task_init must be 'data', 'signed', 'contrast' or 'random', got {self.task_init!r}")
         if self.task_init_refine < 0 or self.task_init_keep < 1 or not 0 < self.task_init_top <= 1:
             raise ValueError("task_init_refine must be >= 0, task_init_keep >= 1 and task_init_top in (0, 1]")
+        if self.start_candidates < 1 or self.start_candidate_epochs < 1:
+            raise ValueError("start_candidates and start_candidate_epochs must be >= 1")
         if self.task_init_bags < 1:
             raise ValueError(f"task_init_bags must be >= 1, got {self.task_init_bags}")
         if self.proj_init not in ("data", "random"):

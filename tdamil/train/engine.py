@@ -338,6 +338,46 @@ def _write_history_csv(path: Path, history: Sequence[Mapping[str, float]]) -> No
         w.writerows(history)
 
 
+def _start_candidates(model: nn.Module, opt: torch.optim.Optimizer, schedule: Optional[LRScheduler], train_ds: BagDataset,
+                      val_ds: BagDataset, cfg: TrainConfig) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """Restarts judged on the validation bags (``start_candidates`` K > 1 in the model's config,
+    e.g. :class:`~tdamil.models.tdamil_config.TDAMILConfig`): the model and K - 1 fresh copies
+    (``model.start_candidate(seed)``) are each trained ``start_candidate_epochs`` epochs on the same
+    bags in the same order; the one with the lowest validation objective (bag labels only) is loaded
+    into ``model`` and ``opt`` (``schedule`` has stepped as far). Returns its history rows and its
+    validation metrics."""
+    k_all, epochs = int(model.cfg.start_candidates), min(int(model.cfg.start_candidate_epochs), cfg.epochs)
+    best: Optional[tuple[float, int, nn.Module, torch.optim.Optimizer, list[dict[str, float]], dict[str, float]]] = None
+    said = []
+    for k in range(k_all):
+        cand = model if k == 0 else model.start_candidate(int(cfg.seed) * 1000 + k)
+        c_opt, c_sched = (opt, schedule) if k == 0 else (make_optimizer(cand, cfg), None)
+        c_sched = c_sched if k == 0 else make_lr_scheduler(c_opt, cfg)
+        rows = []
+        for epoch in range(epochs):
+            t0, lr = time.perf_counter(), c_opt.param_groups[0]["lr"]
+            tr = train_one_epoch(cand, train_ds, c_opt, cfg, epoch=epoch)
+            if c_sched is not None:
+                c_sched.step()
+            rows.append({"epoch": float(epoch + 1), "lr": lr, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
+                         "start_candidate": float(k), "seconds": time.perf_counter() - t0})
+        vm = evaluate(cand, val_ds, mixed_precision=cfg.mixed_precision).metrics
+        rows[-1].update({f"val_{key}": v for key, v in vm.items()})
+        objective = vm.get("objective", vm["loss"])
+        objective = objective if math.isfinite(objective) else math.inf
+        said.append(f"{objective:.3f}")
+        if best is None or objective < best[0]:
+            best = (objective, k, cand, c_opt, rows, vm)
+    assert best is not None
+    _, k, cand, c_opt, rows, vm = best
+    if cand is not model:
+        model.load_state_dict(cand.state_dict())
+        opt.load_state_dict(c_opt.state_dict())
+    model.start_candidate_choice = (k, [float(x) for x in said])
+    logger.info("Start candidates: validation objective after %d epochs %s; candidate %d kept.", epochs, ", ".join(said), k)
+    return rows, vm
+
+
 def fit(
     model: nn.Module,
     train_ds: BagDataset,
@@ -378,7 +418,14 @@ def fit(
     best_state: Optional[dict[str, torch.Tensor]] = None
     since_best, stopped = 0, False
     warned_nan = False
-    bar = progress(range(cfg.epochs), cfg.progress, desc="epochs", unit="epoch")
+    if has_val and cfg.epochs > 0 and int(getattr(getattr(model, "cfg", None), "start_candidates", 1)) > 1:
+        rows, vm = _start_candidates(model, opt, schedule, train_ds, val_ds, cfg)
+        history += rows
+        best_value, best_epoch, best_metrics = vm[cfg.monitor], len(rows), dict(vm)
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if out is not None:
+            save_checkpoint(out / "best.pt", model, train_config=cfg, model_config=model_config, metrics=vm, epoch=best_epoch)
+    bar = progress(range(len(history), cfg.epochs), cfg.progress, desc="epochs", unit="epoch")
     for epoch in bar:
         t0 = time.perf_counter()
         lr = opt.param_groups[0]["lr"]
