@@ -34,7 +34,7 @@ import yaml
 
 from tdamil.federation.processes import ManagedProcess, flower_env
 from tdamil.net import free_port
-from federation_processes import audit_events, wait_for
+from federation_processes import audit_events, stop_all, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -172,5 +172,4 @@ def test_contract_and_versions_refuse_bad_sites_before_training(tmp_path):
         # every message (each round's ClientApp is a fresh forked process)
         assert len(checks) == 1, checks
     finally:
-        for proc in reversed(procs):
-            proc.stop(grace=5)
+        stop_all(procs)

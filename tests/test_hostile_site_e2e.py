@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from tdamil.net import free_port
-from federation_processes import start_logged, stop_group
+from federation_processes import start_logged, stop_all
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 BIN = Path(sys.executable).parent
@@ -88,8 +88,7 @@ def test_a_hostile_registered_site_is_refused_by_its_key_and_the_run_finishes(tm
         logs = {p: (root / f"{p}.log").read_text()[-3000:] for p in ("server", "site_c")}
         assert rc == 0, logs
     finally:
-        for p in reversed(procs):
-            stop_group(p)
+        stop_all(procs)
     out = root / "demo" / srv["output_dir"]
     events = [json.loads(x) for x in (out / "audit.jsonl").read_text().splitlines() if x.strip()]
     # the patch really ran at site_c (its reply claimed site_a) and was refused by the key, not the claim

@@ -21,7 +21,7 @@ from tdamil.atomic import sha256_file
 from tdamil.net import free_port
 from tdamil.security.certs import init_pki, issue_site
 from tdamil.security.integrity import CheckpointIntegrityError, verify_checkpoint
-from federation_processes import start_logged, stop_group
+from federation_processes import start_logged, stop_all
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
@@ -68,8 +68,7 @@ def fed(tmp_path_factory):
             rc = None
         assert rc == 0, (root / "server.log").read_text()[-4000:]
     finally:
-        for p in reversed(procs):
-            stop_group(p)
+        stop_all(procs)
     out = root / "demo" / srv["output_dir"]
     return {"root": root, "paths": paths, "pki": pki, "out": out, "sites": sites, "server_cfg": srv}
 

@@ -16,7 +16,7 @@ import yaml
 from tdamil.federation.processes import ManagedProcess, flower_env
 from tdamil.net import free_port
 from wan_harness import LinkSpec, Wan, namespaces_allowed
-from federation_processes import audit_events, wait_for
+from federation_processes import audit_events, stop_all, wait_for
 
 # federation.round_timeout_s, the whole round: site_a's round takes ~6 s on 2 idle cores and 14 s with
 # the machine loaded 6x over; every second of it idles one of the suite's workers
@@ -96,8 +96,7 @@ def test_a_site_cut_mid_upload_costs_only_its_own_update_and_is_named(tmp_path, 
         r2 = next(e for e in ev if e["event"] == "round_finished" and e["round"] == 2)
         assert r2["seconds"] <= DEADLINE_S + 15
     finally:
-        for proc in reversed(procs):
-            proc.stop(grace=5)
+        stop_all(procs)
 
 
 def test_a_proxy_whose_coordinator_is_not_up_yet_makes_the_site_wait_not_exit(tmp_path, caplog):
