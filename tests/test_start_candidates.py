@@ -54,13 +54,15 @@ def test_fit_keeps_the_candidate_with_the_lowest_validation_objective_and_trains
     # the same seed gives the same choice (restarts are part of the seeded run)
     torch.manual_seed(0)
     again = create_model({**SPEC, "start_candidates": 3, "start_candidate_epochs": 2}, in_dim=6, num_classes=2)
-    fit(again, train, val, TrainConfig(epochs=2, lr=1e-3, progress=False, device="cpu", seed=3))
+    fit(again, train, val, TrainConfig(epochs=3, lr=1e-3, progress=False, device="cpu", seed=3))
     assert again.start_candidate_choice == (kept, objectives)
 
 
-def test_without_validation_bags_or_with_one_candidate_there_is_no_restart():
+def test_restarts_are_the_default_and_skipped_without_validation_bags_one_candidate_or_epochs_to_continue():
+    assert create_model(SPEC, in_dim=6, num_classes=2).cfg.start_candidates == 3
     train = _bags(8, 0)
-    for spec, val in (({**SPEC, "start_candidates": 3}, None), (SPEC, _bags(6, 1))):
+    for spec, val, epochs in (({**SPEC}, None, 4), ({**SPEC, "start_candidates": 1}, _bags(6, 1), 4),
+                              ({**SPEC}, _bags(6, 1), 3)):
         model = create_model(spec, in_dim=6, num_classes=2)
-        res = fit(model, train, val, TrainConfig(epochs=1, lr=1e-3, progress=False, device="cpu"))
-        assert not hasattr(model, "start_candidate_choice") and len(res.history) == 1
+        res = fit(model, train, val, TrainConfig(epochs=epochs, lr=1e-3, progress=False, device="cpu"))
+        assert not hasattr(model, "start_candidate_choice") and len(res.history) == epochs

@@ -346,7 +346,7 @@ def _start_candidates(model: nn.Module, opt: torch.optim.Optimizer, schedule: Op
     bags in the same order; the one with the lowest validation objective (bag labels only) is loaded
     into ``model`` and ``opt`` (``schedule`` has stepped as far). Returns its history rows and its
     validation metrics."""
-    k_all, epochs = int(model.cfg.start_candidates), min(int(model.cfg.start_candidate_epochs), cfg.epochs)
+    k_all, epochs = int(model.cfg.start_candidates), int(model.cfg.start_candidate_epochs)
     best: Optional[tuple[float, int, nn.Module, torch.optim.Optimizer, list[dict[str, float]], dict[str, float]]] = None
     said = []
     for k in range(k_all):
@@ -418,7 +418,9 @@ def fit(
     best_state: Optional[dict[str, torch.Tensor]] = None
     since_best, stopped = 0, False
     warned_nan = False
-    if has_val and cfg.epochs > 0 and int(getattr(getattr(model, "cfg", None), "start_candidates", 1)) > 1:
+    mcfg = getattr(model, "cfg", None)
+    if (has_val and int(getattr(mcfg, "start_candidates", 1)) > 1 and callable(getattr(model, "start_candidate", None))
+            and cfg.epochs > int(mcfg.start_candidate_epochs)):  # restarts need epochs to continue the kept one
         rows, vm = _start_candidates(model, opt, schedule, train_ds, val_ds, cfg)
         history += rows
         best_value, best_epoch, best_metrics = vm[cfg.monitor], len(rows), dict(vm)
