@@ -179,10 +179,23 @@ def _heldout_auroc(events: list[dict]) -> float:
     return [e for e in events if e["event"] == "heldout_evaluation"][-1]["metrics"]["auroc"]
 
 
+@pytest.fixture(scope="module")
+def fp32_run(tmp_path_factory):
+    """The fp32 federation both codecs are compared with, run once (on one torch thread, as they are)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(tmp_path_factory.mktemp("fp32"), rounds=3)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("codec", ["fp16", "fp16-delta"])
-def test_a_federation_with_fp16_replies_ends_near_the_fp32_model(tmp_path, codec):
-    ref, ref_events = _run(tmp_path / "fp32", rounds=3)
+def test_a_federation_with_fp16_replies_ends_near_the_fp32_model(tmp_path, codec, fp32_run):
+    ref, ref_events = fp32_run
     got, events = _run(tmp_path / codec, rounds=3, update_codec=codec)
     layout = layout_of(ref.result.arrays)
     a, b = flatten(ref.result.arrays, layout), flatten(got.result.arrays, layout)
