@@ -77,7 +77,7 @@ def test_spread_check_flags_only_a_run_outside_mean_2sd():
 
 @pytest.mark.slow
 def test_fresh_main_job_lands_inside_the_quoted_spread(tmp_path):
-    """The whole main job (about 250 s of CPU over its three seeds), checked against the README's spread."""
+    """The whole main job (208 s of CPU, 142 s on 2 cores, over its three seeds), checked against the README's spread."""
     import subprocess
     import sys
 
