@@ -82,6 +82,31 @@ def _masked_mean(tokens: torch.Tensor, keep: torch.Tensor | None) -> torch.Tenso
     return (tokens * w).sum(dim=(0, 1)) / w.sum().clamp_min(1.0)
 
 
+class _LeakyClamp(torch.autograd.Function):
+    """``clamp(cos, 0, 1)`` whose backward pass passes ``slope`` x the gradient outside ``[0, 1]``.
+
+    The same numbers as ``cos.clamp(0, 1) + slope * outside * (cos - cos.detach())`` (the gradient
+    strictly inside ``(0, 1)``, ``gradient * slope`` outside ``[0, 1]`` and 0 at the bounds, as
+    PyTorch's clamp gives them), in one autograd node instead of eight operations; the product with the bool
+    ``keep`` mask of :meth:`TDAMIL.select` is taken in the same node (its backward step first, as
+    autograd's own would)."""
+
+    @staticmethod
+    def forward(ctx, cos: torch.Tensor, slope: float, keep: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """``clamp(cos, 0, 1) * keep`` (``keep`` bool, no gradient): the product in the same node."""
+        ctx.save_for_backward(cos, keep)
+        ctx.slope = slope
+        return cos.clamp(0.0, 1.0) * keep
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        cos, keep = ctx.saved_tensors
+        grad = grad * keep  # what the product's own backward step gave
+        inside = (cos > 0) & (cos < 1)  # clamp's backward passes nothing at the bounds themselves
+        outside = (cos < 0) | (cos > 1)
+        return torch.where(inside, grad, torch.where(outside, grad * ctx.slope, 0.0)), None, None
+
+
 class TransformerMIL(nn.Module):
     """Transformer MIL: projection + CLS + ``L`` pre-norm blocks + LayerNorm + linear head on CLS.
 
@@ -237,14 +262,13 @@ class TDAMIL(TransformerMIL):
         self.task_token.copy_(task.to(self.task_token.dtype))
         self.task_token_ready.fill_(1.0)
 
-    def _clamp(self, cos: torch.Tensor) -> torch.Tensor:
-        """``clamp(cos, 0, 1)`` in the forward pass; with ``selection_grad="leaky"`` the backward
-        pass gives ``selection_slope`` x the gradient outside ``[0, 1]`` instead of 0."""
-        s = cos.clamp(0.0, 1.0)
-        if self.cfg.selection_grad == "leaky" and torch.is_grad_enabled():
-            outside = ((cos < 0) | (cos > 1)).to(cos.dtype)
-            s = s + self.cfg.selection_slope * outside * (cos - cos.detach())  # exactly 0 forward
-        return s
+    def _clamp(self, cos: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``clamp(cos, 0, 1) * keep`` in the forward pass; with ``selection_grad="leaky"`` the backward
+        pass gives ``selection_slope`` x the gradient outside ``[0, 1]`` instead of 0
+        (:class:`_LeakyClamp`, one autograd node)."""
+        if self.cfg.selection_grad == "leaky" and torch.is_grad_enabled() and cos.requires_grad:
+            return _LeakyClamp.apply(cos, self.cfg.selection_slope, keep)
+        return cos.clamp(0.0, 1.0) * keep
 
     def select(
         self, x_bu: torch.Tensor, token_mask: torch.Tensor | None, scored: torch.Tensor | None = None
@@ -262,7 +286,7 @@ class TDAMIL(TransformerMIL):
         keep = torch.ones_like(cos, dtype=torch.bool) if token_mask is None else token_mask.clone()
         if not self.cfg.select_cls:
             keep[:, 0] = False
-        s = self._clamp(cos) * keep
+        s = self._clamp(cos, keep)
         rescaled = (s.unsqueeze(-1) * x_bu) @ self.channel_matrix.t()
         x_td = self.decoder(rescaled) * keep.unsqueeze(-1)
         return s, cos, x_td
@@ -281,7 +305,9 @@ class TDAMIL(TransformerMIL):
 
     def _bottom_up(self, tokens: torch.Tensor, token_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Step I, split to expose the last block's input: ``(pre_last, x_BU)``."""
-        pre_last = self.run_blocks(self.blocks[:-1], tokens, token_mask)
+        pre_last = tokens
+        for block in list(self.blocks)[:-1]:  # a list: slicing the ModuleList builds a new Module per call
+            pre_last = block(pre_last, mask=token_mask)
         return pre_last, self.norm(self.blocks[-1](pre_last, mask=token_mask))
 
     def _scored(self, tokens: torch.Tensor, pre_last: torch.Tensor, x_bu: torch.Tensor) -> torch.Tensor:
@@ -375,7 +401,10 @@ class TDAMIL(TransformerMIL):
 
     def forward_trace(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> TDAMILTrace:
         """Run the model and return every intermediate (see :class:`TDAMILTrace`)."""
-        x, mask = check_bag_input(x, mask, self.in_dim)
+        return self._trace(*check_bag_input(x, mask, self.in_dim))
+
+    def _trace(self, x: torch.Tensor, mask: torch.Tensor | None) -> TDAMILTrace:
+        """:meth:`forward_trace` on a checked bag (``x`` ``[B, n, D]``, ``mask`` bool ``[B, n]`` or None)."""
         if self.training and self.cfg.proj_init == "data" and not self.task_token_started:
             self._center_projection(x, mask)
         tokens, token_mask = self.embed(x, mask)
@@ -404,13 +433,16 @@ class TDAMIL(TransformerMIL):
         ``"soft"`` or ``"instance"`` the log-mean-exp over the patches of
         ``selection_temperature * (cos_i - selection_margin)``.
         """
-        trace = self.forward_trace(x, mask)
+        x, mask = check_bag_input(x, mask, self.in_dim)
+        trace = self._trace(x, mask)
         cfg = self.cfg
         if cfg.selection_mil == "max":
             logit = cfg.selection_temperature * (trace.cosine.max(dim=1).values - cfg.selection_margin)
         else:
             per_patch = cfg.selection_temperature * (trace.cosine - cfg.selection_margin)  # -inf at padding
-            n_real = torch.isfinite(trace.cosine).sum(dim=1).to(per_patch.dtype)
+            # the real patches: those of the mask (where the cosine is finite), counted without a pass over it
+            n_real = (per_patch.new_full(per_patch.shape[:1], per_patch.shape[1]) if mask is None
+                      else mask.sum(dim=1).to(per_patch.dtype))
             logit = torch.logsumexp(per_patch, dim=1) - n_real.log()
         return MILOutput(logits=trace.logits, scores=trace.scores, selection_logit=logit, selection_cosine=trace.cosine)
 
@@ -425,7 +457,9 @@ class TDAMIL(TransformerMIL):
             return None
         logit = out.selection_logit.float()
         positive = (target != 0).to(logit.dtype)
-        real = torch.isfinite(out.selection_cosine) if out.selection_cosine is not None else None
+        real = None  # the real patches, only where a term needs them
+        if out.selection_cosine is not None and (cfg.selection_mil == "instance" or cfg.selection_sparsity_weight > 0):
+            real = torch.isfinite(out.selection_cosine)
         if cfg.selection_mil in ("max", "soft") or real is None:
             bce = F.binary_cross_entropy_with_logits(logit, positive)
         else:
@@ -433,7 +467,7 @@ class TDAMIL(TransformerMIL):
             per_patch = F.softplus(patch_logit).masked_fill(~real, 0.0)  # BCE of each patch against 0
             negative_term = per_patch.sum(dim=1) / real.sum(dim=1)
             bce = torch.where(positive > 0, F.softplus(-logit), negative_term).mean()
-        loss = cfg.selection_loss_weight * bce
+        loss = bce if cfg.selection_loss_weight == 1.0 else cfg.selection_loss_weight * bce  # x 1.0 is exact: one op less
         if cfg.selection_sparsity_weight > 0 and out.scores is not None and real is not None:
             density = (out.scores.float() * real).sum(dim=1) / real.sum(dim=1)
             loss = loss + cfg.selection_sparsity_weight * density.mean()
