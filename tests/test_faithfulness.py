@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
+
+from evidence_bags import evidence_bags
 
 from tdamil.data.bags import InMemoryBagDataset
 from tdamil.models.output import MILOutput
@@ -30,15 +31,7 @@ class MaxMIL(nn.Module):
 
 
 def _bags(n_bags: int = 30, seed: int = 0) -> InMemoryBagDataset:
-    rng = np.random.default_rng(seed)
-    feats, labels = [], []
-    for i in range(n_bags):
-        x = rng.standard_normal((int(rng.integers(60, 200)), 4)).astype(np.float32) * 0.5
-        if i % 2:
-            x[rng.choice(len(x), size=2, replace=False), 0] = 4.0
-        feats.append(x)
-        labels.append(i % 2)
-    return InMemoryBagDataset(feats, labels)
+    return evidence_bags(n_bags, seed, (60, 200), 4)
 
 
 def test_a_map_on_the_evidence_is_faithful_and_one_elsewhere_is_flagged():

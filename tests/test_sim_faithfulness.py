@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from evidence_bags import evidence_bags
+
 from tdamil.data.bags import InMemoryBagDataset
 from tdamil.federation.run_report import render_run_report
 from tdamil.federation.task import SiteData
@@ -39,15 +41,7 @@ class ToyMIL(nn.Module):
 
 
 def _bags(n: int, seed: int) -> InMemoryBagDataset:
-    rng = np.random.default_rng(seed)
-    feats, labels = [], []
-    for i in range(n):
-        x = rng.standard_normal((int(rng.integers(40, 90)), 3)).astype(np.float32) * 0.5
-        if i % 2:
-            x[rng.choice(len(x), size=2, replace=False), 0] = 4.0
-        feats.append(x)
-        labels.append(i % 2)
-    return InMemoryBagDataset(feats, labels)
+    return evidence_bags(n, seed, (40, 90), 3)
 
 
 def _sims() -> SimSites:
@@ -125,7 +119,7 @@ def test_the_check_is_a_column_of_the_comparison_and_a_plain_flag_in_the_run_rep
 
 
 def test_a_report_without_map_checks_says_nothing_about_them(tmp_path):
-    rng, ci = np.random.default_rng(0), CISettings(n_resamples=100, seed=1)
+    ci = CISettings(n_resamples=100, seed=1)
     t = TargetPredictions("site_a", np.r_[np.ones(10, int), np.zeros(10, int)], [str(i) for i in range(20)],
                           {"federated": np.tile([0.4, 0.6], (20, 1))})
     row = comparison_row(t, ci)
