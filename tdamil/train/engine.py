@@ -350,9 +350,12 @@ def _start_candidates(model: nn.Module, opt: torch.optim.Optimizer, schedule: Op
     best: Optional[tuple[float, int, nn.Module, torch.optim.Optimizer, list[dict[str, float]], dict[str, float]]] = None
     said = []
     for k in range(k_all):
-        cand = model if k == 0 else model.start_candidate(int(cfg.seed) * 1000 + k)
-        c_opt, c_sched = (opt, schedule) if k == 0 else (make_optimizer(cand, cfg), None)
-        c_sched = c_sched if k == 0 else make_lr_scheduler(c_opt, cfg)
+        if k == 0:
+            cand, c_opt, c_sched = model, opt, schedule
+        else:
+            cand = model.start_candidate(int(cfg.seed) * 1000 + k)
+            c_opt = make_optimizer(cand, cfg)
+            c_sched = make_lr_scheduler(c_opt, cfg)
         rows = []
         for epoch in range(epochs):
             t0, lr = time.perf_counter(), c_opt.param_groups[0]["lr"]
