@@ -158,7 +158,7 @@ class TransformerMIL(nn.Module):
 
     @staticmethod
     def run_blocks(
-        blocks: nn.ModuleList,
+        blocks: Iterable[nn.Module],
         tokens: torch.Tensor,
         token_mask: torch.Tensor | None,
         td: torch.Tensor | None = None,
@@ -305,9 +305,8 @@ class TDAMIL(TransformerMIL):
 
     def _bottom_up(self, tokens: torch.Tensor, token_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Step I, split to expose the last block's input: ``(pre_last, x_BU)``."""
-        pre_last = tokens
-        for block in list(self.blocks)[:-1]:  # a list: slicing the ModuleList builds a new Module per call
-            pre_last = block(pre_last, mask=token_mask)
+        # a list slice: slicing the ModuleList itself builds a new Module on every call
+        pre_last = self.run_blocks(list(self.blocks)[:-1], tokens, token_mask)
         return pre_last, self.norm(self.blocks[-1](pre_last, mask=token_mask))
 
     def _scored(self, tokens: torch.Tensor, pre_last: torch.Tensor, x_bu: torch.Tensor) -> torch.Tensor:
