@@ -29,6 +29,23 @@ def test_instance_metrics_by_hand():
     assert 0.0 < m["inst_auroc"] < 1.0 and len(pooled_y) == 11
 
 
+def test_auroc_agrees_with_scikit_learn_with_ties_and_is_nan_when_undefined():
+    from sklearn.metrics import roc_auc_score
+
+    from tdamil.train.instance_metrics import _auroc
+
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 7, 40, 500):
+        for _ in range(20):
+            y = rng.integers(0, 2, n)
+            if len(set(y)) < 2:
+                continue
+            s = rng.integers(0, 4, n).astype(float) if n > 3 else rng.normal(size=n)  # many ties
+            assert _auroc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert math.isnan(_auroc(np.array([1, 1]), np.array([0.2, 0.3])))
+    assert math.isnan(_auroc(np.array([1, 0]), np.array([np.nan, 0.3])))  # NaN scores: undefined, no exception
+
+
 def test_ranking_scores_replace_the_plotted_ones_for_the_pooled_auroc():
     # softmax attention: bag sizes make the 9 of the large bag look weaker than a 0 of the small one
     plotted = [np.array([0.9, 0.1]), np.array([0.3] + [0.07] * 10)]

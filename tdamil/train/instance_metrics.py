@@ -21,11 +21,10 @@ A bag is positive when its label is not 0. Undefined values are NaN, never an ex
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Optional, Sequence
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+from scipy.stats import rankdata
 
 __all__ = ["INSTANCE_METRIC_KEYS", "instance_metrics"]
 
@@ -33,11 +32,19 @@ INSTANCE_METRIC_KEYS: tuple[str, ...] = ("inst_auroc", "inst_within_auroc", "ins
 
 
 def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    if len(np.unique(labels)) < 2:
+    """ROC AUC of 0/1 ``labels`` by ``scores``, ties counted half (as scikit-learn's ``roc_auc_score``).
+
+    The Mann-Whitney form from the scores' average ranks: one ``rankdata`` call. It is called once per
+    positive bag of every evaluation (thousands per simulation), where ``roc_auc_score``'s input
+    validation cost 4 ms a call: a fifth of the main job's CPU time.
+    """
+    pos = labels > 0
+    n_pos = int(pos.sum())
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
         return float("nan")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(roc_auc_score(labels, scores))
+    rank_sum = float(rankdata(scores)[pos].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
 
 
 def _top1_hit(labels: np.ndarray, scores: np.ndarray) -> bool:
