@@ -15,12 +15,17 @@ Each run appends one JSON line to ``--out`` (default benchmarks/results/wan.json
 summary. The physical floor of a round is what the slowest site must spend at its line's rate:
 the global model down and its update up (``payload_bytes * 8 / rate``), plus one RTT each way,
 plus the site's own compute (open data, build model, evaluate, train, serialise: from the round
-timeline) and the coordinator's aggregation and held-out evaluation.
+timeline) and the coordinator's aggregation and held-out evaluation; the last round adds its
+site-evaluation message (its model bytes, from the audit's ``evaluate_sent``, down, and one RTT
+each way). ``--insecure`` runs name every request on a line (``to_site_split`` /
+``to_coordinator_split``: a message's own requests apart from idle polls, heartbeats and the run's
+set-up); ``--keep DIR`` keeps each run's logs and audit.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 import tempfile
@@ -107,7 +112,7 @@ def run_once(args: argparse.Namespace, spec: LinkSpec, work: Path) -> dict:
             time.sleep(0.2)
         result["rc"] = procs[0].poll()
         ev = _events(out)
-        result["rounds_detail"] = _rounds(ev, spec, {s: links[s].turn_times() for s in sites})
+        result["rounds_detail"] = _rounds(ev, spec, {s: links[s].turns() for s in sites})
         if args.scenario == "cut":
             result["cut"] = _cut_outcome(ev, sites[-1], links[sites[-1]].status(), args.deadline)
     finally:
@@ -117,9 +122,31 @@ def run_once(args: argparse.Namespace, spec: LinkSpec, work: Path) -> dict:
     return result
 
 
-def _rounds(ev: list[dict], spec: LinkSpec, times: dict[str, list[float]]) -> list[dict]:
+# What a Flower 1.42 SuperNode's requests are for (the last segment of the Fleet API path).
+MESSAGE_DOWN = ("pull-object", "confirm-message-received")  # plus the one pull-messages that delivers it
+MESSAGE_UP = ("push-messages", "push-object")
+RUN_SETUP = ("get-run", "get-fab")  # once per run, with its first message
+
+
+def _kinds(turns: list[tuple[float, str]], start: float, end: float) -> dict[str, int]:
+    """Turns in [start, end] by the last segment of their request path ("-" where it is unknown: TLS)."""
+    return dict(collections.Counter(path.rstrip("/").rsplit("/", 1)[-1] for t, path in turns if start <= t <= end))
+
+
+def _message_turns(kinds: dict[str, int]) -> dict[str, int] | None:
+    """Split a window's turns into the message's own requests and the rest (plaintext lines only)."""
+    if not kinds or "-" in kinds:
+        return None
+    down = sum(kinds.get(k, 0) for k in MESSAGE_DOWN) + min(kinds.get("pull-messages", 0), 1)
+    up = sum(kinds.get(k, 0) for k in MESSAGE_UP)
+    return {"message_down": down, "message_up": up, "idle_polls": max(kinds.get("pull-messages", 0) - 1, 0),
+            "heartbeats": kinds.get("send-node-heartbeat", 0), "run_setup": sum(kinds.get(k, 0) for k in RUN_SETUP)}
+
+
+def _rounds(ev: list[dict], spec: LinkSpec, lines: dict[str, list[tuple[float, str]]]) -> list[dict]:
     """Per round: seconds against the floor, and per site the turns its train message took each
-    way: to the site (sent -> the handler has the message) and back (reply built -> received)."""
+    way: to the site (sent -> the handler has the message) and back (reply built -> received),
+    and on plaintext lines which requests they were."""
     rows = []
     for fin in (e for e in ev if e["event"] == "round_finished"):
         rnd = fin["round"]
@@ -134,6 +161,12 @@ def _rounds(ev: list[dict], spec: LinkSpec, times: dict[str, list[float]]) -> li
         coord = sum(float(cols.get(k, 0) or 0) for k in ("aggregate", "held-out evaluation", "checkpoint"))
         transfer = (model_bytes + up) * 8 / (spec.rate_mbit * 1e6) if spec.rate_mbit else 0.0
         floor = transfer + 2 * spec.rtt_ms / 1000 + compute + coord
+        # the last round's site-evaluation message: its model (an xor difference) down, one RTT each way
+        sent_eval = next((e for e in ev if e["event"] == "evaluate_sent" and e["round"] == rnd), None)
+        eval_bytes = max(sent_eval["model_bytes"] or [0]) if sent_eval else 0
+        eval_floor = (eval_bytes * 8 / (spec.rate_mbit * 1e6) if spec.rate_mbit else 0.0) + 2 * spec.rtt_ms / 1000 \
+            if sent_eval else 0.0
+        floor += eval_floor
         turns = {}
         sent = _at(start) if start else None
         for site, reply in replies.items():
@@ -142,14 +175,19 @@ def _rounds(ev: list[dict], spec: LinkSpec, times: dict[str, list[float]]) -> li
                 continue
             built = float(m["time-reply-built"])
             arrived = built + float(seg.get("push + poll", 0))
-            line = times.get(site, [])
-            turns[site] = {"to_site": sum(sent <= t <= float(m["time-handler-start"]) for t in line),
-                           "to_coordinator": sum(built <= t <= arrived for t in line),
+            line = lines.get(site, [])
+            to_site, back = _kinds(line, sent, float(m["time-handler-start"])), _kinds(line, built, arrived)
+            turns[site] = {"to_site": sum(to_site.values()), "to_coordinator": sum(back.values()),
+                           "to_site_requests": to_site, "to_coordinator_requests": back,
+                           "to_site_split": _message_turns(to_site), "to_coordinator_split": _message_turns(back),
                            "flower_to_handler_s": round(float(seg.get("flower -> handler", 0)), 2),
                            "push_poll_s": round(float(seg.get("push + poll", 0)), 2)}
         rows.append({"round": rnd, "seconds": round(fin["seconds"], 2), "ok": fin["ok"],
                      "model_bytes": model_bytes, "reply_bytes": up, "transfer_floor_s": round(transfer, 2),
-                     "compute_s": round(compute, 2), "coordinator_s": round(coord, 2), "floor_s": round(floor, 2),
+                     "compute_s": round(compute, 2), "coordinator_s": round(coord, 2),
+                     "evaluate_message_bytes": eval_bytes, "evaluate_floor_s": round(eval_floor, 2),
+                     "evaluate_message_s": round(float(cols.get("site evaluate message", 0) or 0), 2),
+                     "floor_s": round(floor, 2),
                      "x_floor": round(fin["seconds"] / floor, 2) if floor > 0 else None, "turns": turns})
     return rows
 
@@ -182,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="federation.update_codec (how sites send their model)")
     ap.add_argument("--insecure", action="store_true", help="plaintext (default: TLS and registered keys)")
     ap.add_argument("--max-seconds", type=float, default=900.0)
+    ap.add_argument("--keep", type=Path, default=None, help="keep each run's folder (logs, audit) under this folder")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "wan.jsonl")
     args = ap.parse_args(argv)
     reason = namespaces_allowed()
@@ -192,8 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds = 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for rep in range(args.reps):
-        with tempfile.TemporaryDirectory(prefix="tdwan-") as tmp:
-            res = run_once(args, SCENARIOS[args.scenario], Path(tmp))
+        if args.keep is not None:  # logs, audit and timeline of every run kept for reading
+            work = args.keep / f"{args.scenario}-rep{rep}-{datetime.now():%H%M%S}"
+            work.mkdir(parents=True)
+            res = run_once(args, SCENARIOS[args.scenario], work)
+        else:
+            with tempfile.TemporaryDirectory(prefix="tdwan-") as tmp:
+                res = run_once(args, SCENARIOS[args.scenario], Path(tmp))
         res["rep"] = rep
         with open(args.out, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(res) + "\n")

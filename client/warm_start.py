@@ -164,10 +164,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API (127.0.0.1:PORT)")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the SuperNode) ends")
     args = parser.parse_args(argv)
+    from tdamil.federation.object_pulls import use_quick_object_pulls  # noqa: PLC0415
     from tdamil.logs import setup_logging  # noqa: PLC0415
 
     setup_logging(False)
     seconds = preload()
+    # the forked ClientApps ask their SuperNode for the instruction's arrays every <= 0.5 s while it
+    # is still downloading them, not Flower's up-to-10 s back-off (tdamil.federation.object_pulls)
+    use_quick_object_pulls("site")
     logger.info("Warm start: the ClientApp stack is imported (%.1f s); each message's ClientApp is forked from it.",
                 seconds)
     import flwr.supercore.superexec.run_superexec as superexec  # noqa: PLC0415

@@ -26,7 +26,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from tdamil.federation.audit import AuditLog
 from tdamil.federation.config import CheckpointConfig, FederationConfig
-from tdamil.federation.grids import PatientGrid
+from tdamil.federation.grids import InProcessGrid, PatientGrid
+from tdamil.federation.object_pulls import use_quick_object_pulls
 from tdamil.federation.loop import RoundLoop, RunResult
 from tdamil.federation.run_report import write_run_report
 from tdamil.federation.strategies import build_strategy
@@ -103,6 +104,8 @@ def run_federated(grid: Grid, setup: RunSetup) -> RunResult:
                      required_versions=setup.required_versions if setup.required_versions is not None
                      else required_versions())
     initial = model_to_arrays(build_model(setup.spec, seed=fed.seed))
+    if not isinstance(grid, InProcessGrid):  # replies over the network: ask for their arrays every <= 0.5 s
+        use_quick_object_pulls("coordinator")
     patient = PatientGrid(grid, min_nodes=fed.min_sites, wait_timeout=fed.wait_for_sites_s,
                           poll_interval=fed.reply_poll_s)
     result = loop.run(patient, initial, resume=setup.resume)

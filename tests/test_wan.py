@@ -147,3 +147,13 @@ def test_a_site_says_when_it_missed_a_round_and_a_stale_token_is_not_worded_as_a
     stale = "2026-12-06 19:09:00 ERROR flower-superexec: Runtime task-token authentication failed.\n"
     shown = state.reword(stale)
     assert "ERROR" not in shown and "Expected after a coordinator restart" in shown
+
+
+def test_the_relay_names_a_plaintext_request_and_nothing_else():
+    from wan_harness import _request_path
+
+    assert _request_path(b"POST /api/v0/fleet/pull-object HTTP/1.1\r\nHost: x\r\n\r\n") == "/api/v0/fleet/pull-object"
+    assert _request_path(b"POST /api/v0/fleet/push-messages HTTP/1.1") == "/api/v0/fleet/push-messages"
+    assert _request_path(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03") == "-"  # a TLS ClientHello
+    assert _request_path(b'{"part": "of a body"} trailing') == "-"
+    assert _request_path(b"POST /a b HTTP/1.1") == "-"

@@ -18,7 +18,9 @@ deleted when the harness closes. Each site reaches the coordinator through its o
 
 The relay is steered through a JSON control file and reports its byte counts, its cuts and its
 request -> answer turns (data flowing down after data flowed up on one connection: the round trips
-the protocol waits for) in a JSON status file (the test process stays outside the namespace). Root (or CAP_NET_ADMIN) is needed:
+the protocol waits for) in a JSON status file; each turn is also logged with its request's path
+when the line carries plaintext HTTP (``--insecure`` runs; ``-`` under TLS), so a benchmark can
+tell a message's own requests from idle polls and heartbeats (the test process stays outside the namespace). Root (or CAP_NET_ADMIN) is needed:
 :func:`namespaces_allowed` says why not where it is missing.
 """
 
@@ -118,8 +120,14 @@ class Link:
 
     def turn_times(self) -> list[float]:
         """When each request -> answer turn on this line happened (``time.time()``)."""
+        return [t for t, _ in self.turns()]
+
+    def turns(self) -> list[tuple[float, str]]:
+        """Each request -> answer turn on this line: when (``time.time()``) and the request's path
+        (``-`` where the line is TLS or the request did not start a chunk)."""
         path = self.status_path.with_name("turns.log")
-        return [float(x) for x in path.read_text().split()] if path.exists() else []
+        rows = [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+        return [(float(r[0]), r[1] if len(r) > 1 else "-") for r in rows if r]
 
     def status(self) -> dict:
         try:
@@ -211,6 +219,15 @@ class Wan:
 
 # ------------------------------------------------------------------------------------------------
 # The relay (runs inside the namespace)
+def _request_path(data: bytes) -> str:
+    """The path of a plaintext HTTP request that starts ``data`` ("POST /api/v0/fleet/x HTTP/1.1"),
+    else ``-`` (TLS, or a request split so that its first chunk holds no request line)."""
+    line = data.split(b"\r\n", 1)[0].split(b" ")
+    if len(line) == 3 and line[0].isalpha() and line[0].isupper() and line[2].startswith(b"HTTP/"):
+        return line[1].decode("ascii", "replace").replace(" ", "%20") or "-"
+    return "-"
+
+
 class _Relay:
     def __init__(self, target: int, rtt_ms: float, control: Path, status: Path) -> None:
         self.target = target
@@ -220,7 +237,7 @@ class _Relay:
         self.cut_until = 0.0
         self.up = self.down = self.connections = 0
         self.turns = 0  # request -> answer turns: downstream data after upstream data on one connection
-        self.turn_times: list[float] = []  # when each turn happened (appended to turns.log)
+        self.turn_times: list[tuple[float, str]] = []  # when each turn happened, its request path (turns.log)
         self.cuts: list[list[float]] = []
         self.armed: dict | None = None
         self.arm_seen = 0
@@ -266,11 +283,13 @@ class _Relay:
                     if upward:
                         self.up += len(data)
                         self._maybe_cut()
+                        if last[0] != "up":  # a new request on this connection
+                            last[1] = _request_path(data)
                     else:
                         self.down += len(data)
                         if last[0] == "up":
                             self.turns += 1
-                            self.turn_times.append(time.time())
+                            self.turn_times.append((time.time(), last[1]))
                     last[0] = "up" if upward else "down"
                     self.lock.notify_all()
         except OSError:
@@ -297,7 +316,7 @@ class _Relay:
         upstream.settimeout(None)
         with self.lock:
             self.connections += 1
-        last = [""]  # the direction data last flowed on this connection
+        last = ["", "-"]  # the direction data last flowed on this connection, and its request's path
         threading.Thread(target=self.pump, args=(client, upstream, True, last), daemon=True).start()
         threading.Thread(target=self.pump, args=(upstream, client, False, last), daemon=True).start()
 
@@ -322,7 +341,7 @@ class _Relay:
                 times, self.turn_times = self.turn_times, []
             if times:
                 with open(self.status.with_name("turns.log"), "a", encoding="ascii") as fh:
-                    fh.write("".join(f"{t:.3f}\n" for t in times))
+                    fh.write("".join(f"{t:.3f} {path}\n" for t, path in times))
             tmp = self.status.with_suffix(".tmp")
             tmp.write_text(json.dumps(state))
             os.replace(tmp, self.status)

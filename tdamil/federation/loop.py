@@ -54,19 +54,9 @@ from tdamil.federation.checkpoint import CheckpointStore, archive_previous_run
 from tdamil.federation.config import CheckpointConfig, FederationConfig
 from tdamil.federation.grids import PatientGrid, SitesUnavailableError
 from tdamil.federation.history import MetricsHistory, plot_learning_curves
-from tdamil.federation.records import (
-    FEATURE_CONTRACT,
-    METRICS,
-    REQUIRED_VERSIONS,
-    ROUND_TOKEN,
-    ReplyContract,
-    error_text,
-    global_evaluation,
-    is_stamp,
-    nan_weighted_mean,
-    reply_metrics,
-    reply_site,
-)
+from tdamil.federation.records import (FEATURE_CONTRACT, METRICS, REQUIRED_VERSIONS, ROUND_TOKEN, ReplyContract,
+                                       error_text, global_evaluation, is_stamp, nan_weighted_mean, reply_metrics,
+                                       reply_site)
 from tdamil.federation.intake import ReplyIntake
 from tdamil.federation.screening import cast_like, layout_of, model_problem
 from tdamil.federation.strategies import restore_strategy_state, strategy_state
@@ -461,9 +451,10 @@ class RoundLoop:
         except SitesUnavailableError as exc:
             self.audit.failure(rnd, "evaluate", str(exc))
             return {}
-        pack_instructions(messages, arrays, layout, self._base, self._holders)
+        sizes = pack_instructions(messages, arrays, layout, self._base, self._holders)
         if not messages:
             return {}
+        self.audit.write("evaluate_sent", round=rnd, model_bytes=sizes)  # an xor difference where a site kept its base
         replies = self._send(grid, messages, rnd, "evaluate")
         contract = ReplyContract("evaluate", rnd, self.round_token, None, self.fed.max_site_examples)
         valid = self.intake.collect(grid, rnd, "evaluate", messages, replies, contract)

@@ -216,10 +216,12 @@ def pack_reply(reply: Message, opened: Message) -> Message:
 
 # --- the coordinator -------------------------------------------------------------------------
 def pack_instructions(messages: list[Message], arrays: ArrayRecord, layout: Layout,
-                      base: tuple[str, np.ndarray] | None = None, holders: set[int] | frozenset = frozenset()) -> None:
+                      base: tuple[str, np.ndarray] | None = None,
+                      holders: set[int] | frozenset = frozenset()) -> list[int]:
     """Put one packed copy of ``arrays`` in every message (in place). ``base``: (round token, flat
     model) that the sites in ``holders`` (node ids) kept from this round's train message; their
-    (evaluate) message carries the ``xor`` difference to it instead of the model."""
+    (evaluate) message carries the ``xor`` difference to it instead of the model. Returns each
+    message's model bytes as sent."""
     full = delta = None
     for msg in messages:  # a strategy may give every message the same RecordDict: each gets its own
         content = dict(msg.content)
@@ -231,6 +233,7 @@ def pack_instructions(messages: list[Message], arrays: ArrayRecord, layout: Layo
             content[ARRAYS] = delta
             content[CONFIG] = ConfigRecord({**msg.content[CONFIG], BASE_TOKEN: base[0]})
         msg.content = RecordDict(content)
+    return [int(msg.content[ARRAYS].count_bytes()) for msg in messages]
 
 
 def open_reply(reply: Message, layout: Layout, codec: str, base: np.ndarray | None) -> str | None:
