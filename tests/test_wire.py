@@ -145,6 +145,12 @@ def test_one_packed_array_travels_each_way_and_the_last_evaluation_is_a_differen
         (2, "site_a", "evaluate message"), (2, "site_b", "evaluate message")}
     replies = [e for e in events if e["event"] == "reply" and e["phase"] == "train"]
     assert all(e["payload_bytes"] < 4 * size + 4096 for e in replies)
+    # the audit records what the evaluate message carried (the WAN bench's floor of the last round)
+    sent = [e for e in events if e["event"] == "evaluate_sent"]
+    assert [e["round"] for e in sent] == [2] and len(sent[0]["model_bytes"]) == 2
+    carried = sorted(s[2][PACKED][1] for s in evaluations)
+    for recorded, payload in zip(sorted(sent[0]["model_bytes"]), carried):
+        assert payload <= recorded < payload + 1024  # the payload plus the record's header
 
 
 def test_a_malformed_packed_reply_is_refused_and_audited_under_the_site(tmp_path):
