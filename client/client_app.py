@@ -170,6 +170,42 @@ def checked_reply(msg: Message, content: RecordDict, rt: SiteRuntime) -> Message
     return reply
 
 
+REPLY_BUILT = "reply built:"  # tdamil.federation.supernode reads the byte count after it
+
+
+def _transfer_clock(msg: Message) -> tuple[float, float] | None:
+    """(sent at, deadline at) on the coordinator's clock, when the instruction crossed a network."""
+    cfg = msg.content[CONFIG] if CONFIG in msg.content.config_records else {}
+    try:
+        sent = float(cfg["sent-at"])
+        return sent, sent + float(cfg["round-timeout-s"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def log_instruction_transfer(msg: Message) -> None:
+    """One line as the instruction arrives: its size, how long it took, the time left in the round."""
+    clock = _transfer_clock(msg)
+    if clock is None or ARRAYS not in msg.content.array_records:
+        return
+    nbytes, took = msg.content[ARRAYS].count_bytes(), time.time() - clock[0]
+    rate = f" (~{nbytes * 8 / took / 1e6:.1f} Mbit/s)" if took > 0.05 else ""
+    logger.info("Round %d: instruction in: %.1f MB, %.1f s after the coordinator sent it%s; %.0f s to the round's "
+                "deadline.", int(msg.content[CONFIG].get("server-round", 0)), nbytes / 1e6, took, rate,
+                clock[1] - time.time())
+
+
+def log_reply_size(msg: Message, reply: Message) -> None:
+    """One line as the reply leaves the ClientApp; the SuperNode's "Sent successfully" completes it."""
+    clock = _transfer_clock(msg)
+    if clock is None or not reply.has_content() or ARRAYS not in reply.content.array_records:
+        return
+    nbytes = reply.content[ARRAYS].count_bytes()
+    logger.info("Round %d: %s %d bytes (%.1f MB) to send; %.0f s to the round's deadline.",
+                int(msg.content[CONFIG].get("server-round", 0)), REPLY_BUILT, nbytes, nbytes / 1e6,
+                clock[1] - time.time())
+
+
 def make_client_app(provider: SiteProvider) -> ClientApp:
     """A ClientApp whose site data come from ``provider(context)``."""
     app = ClientApp()
@@ -208,10 +244,13 @@ def make_client_app(provider: SiteProvider) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         stamps = _start_stamps()
+        log_instruction_transfer(msg)
         msg = open_instruction(msg, context.state)  # the model arrives packed (tdamil.federation.wire)
         rt = provider(context)
         stamps["time-data-opened"] = time.time()
-        return pack_reply(_compose(lambda m, c: _train(m, c, rt, stamps), rt.train_mods)(msg, context), msg)
+        reply = pack_reply(_compose(lambda m, c: _train(m, c, rt, stamps), rt.train_mods)(msg, context), msg)
+        log_reply_size(msg, reply)
+        return reply
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -4,7 +4,9 @@ configs, the config-only app bundle and the coordinator's TLS guard. Tiny models
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 import subprocess
 import sys
 import tomllib
@@ -17,6 +19,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from tdamil.config import ConfigError
 from tdamil.federation.audit import read_audit
 from tdamil.federation.config import FederationConfig
+from tdamil.federation import grids
 from tdamil.federation.grids import InProcessGrid, PatientGrid, SitesUnavailableError
 from tdamil.federation.records import eval_metric_keys, nan_weighted_mean, train_metric_keys
 from tdamil.federation.strategies import build_strategy
@@ -470,7 +473,8 @@ def test_the_wait_line_names_the_missing_sites():
         grid.get_node_ids()
 
 
-def test_a_site_past_the_round_deadline_is_named_the_others_are_aggregated_and_its_late_reply_refused(tmp_path):
+def test_a_site_past_the_round_deadline_is_named_the_others_are_aggregated_and_its_late_reply_refused(
+        tmp_path, monkeypatch, caplog):
     """Round 2: site_b's reply takes longer than the whole round's deadline; the round aggregates
     site_a by the deadline, audits site_b by name, and refuses site_b's reply when it arrives in
     round 3 instead of aggregating it there."""
@@ -494,9 +498,17 @@ def test_a_site_past_the_round_deadline_is_named_the_others_are_aggregated_and_i
         return original(messages, **kw)
 
     grid.send_and_receive = send
+    monkeypatch.setattr(grids, "PROGRESS_S", 0.5)  # a waiting line every 0.5 s instead of 15
     t0 = time.monotonic()
-    result = loop.run(grid, model_to_arrays(build_model(SPEC, seed=0)))
+    with caplog.at_level(logging.INFO):
+        result = loop.run(grid, model_to_arrays(build_model(SPEC, seed=0)))
     assert result.failed_rounds == []
+    # what the operators see: each reply's size and upload rate, the sites waited for, the time left
+    assert re.search(r"Round 2 train: reply from site_a in: [\d.]+ MB, [\d.]+ s after the instruction was sent, "
+                     r"uploaded in [\d.]+ s \(~[\d.]+ Mbit/s\); \d+ s to the round's deadline", caplog.text)
+    assert re.search(r"Round 2 train: 1 of 2 replies in; waiting for site_b; \d+ s to the round's deadline",
+                     caplog.text)
+    assert re.search(r"Round 2: instruction in: [\d.]+ MB, [\d.]+ s after the coordinator sent it", caplog.text)
     events = read_audit(out / "audit.jsonl")
     agg = {e["round"]: e["sites"] for e in events if e["event"] == "aggregated"}
     assert agg == {1: ["site_a", "site_b"], 2: ["site_a"], 3: ["site_a", "site_b"]}

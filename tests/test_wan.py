@@ -7,6 +7,7 @@ never aggregate site_b's late reply into a later round, and the run must finish.
 
 from __future__ import annotations
 
+import re
 import sys
 from datetime import datetime
 
@@ -95,6 +96,17 @@ def test_a_site_cut_mid_upload_costs_only_its_own_update_and_is_named(tmp_path, 
         assert finished and 2 not in finished[-1]["failed_rounds"]
         r2 = next(e for e in ev if e["event"] == "round_finished" and e["round"] == 2)
         assert r2["seconds"] <= DEADLINE_S + 15
+        # what operators see at both ends: sizes, rates, the sites waited for, the time to the deadline
+        server_log, site_log = ((tmp_path / "logs" / f"{n}.log").read_text() for n in ("server", "site_a"))
+        assert re.search(r"Round 2 train: reply from site_a in: [\d.]+ MB, [\d.]+ s after the instruction was sent, "
+                         r"uploaded in [\d.]+ s \(~[\d.]+ Mbit/s\); \d+ s to the round's deadline", server_log)
+        assert re.search(r"Round 2 train: 1 of 2 replies in; waiting for site_b; \d+ s to the round's deadline",
+                         server_log)
+        assert re.search(r"Round 2: instruction in: [\d.]+ MB, [\d.]+ s after the coordinator sent it \(~[\d.]+ "
+                         r"Mbit/s\); \d+ s to the round's deadline", site_log)
+        assert re.search(r"Round 2: reply built: \d+ bytes \([\d.]+ MB\) to send; \d+ s to the round's deadline",
+                         site_log)
+        assert re.search(r"reply sent: [\d.]+ MB in [\d.]+ s \(~[\d.]+ Mbit/s\)", site_log)
     finally:
         stop_all(procs)
 
@@ -147,6 +159,24 @@ def test_a_site_says_when_it_missed_a_round_and_a_stale_token_is_not_worded_as_a
     stale = "2026-12-06 19:09:00 ERROR flower-superexec: Runtime task-token authentication failed.\n"
     shown = state.reword(stale)
     assert "ERROR" not in shown and "Expected after a coordinator restart" in shown
+
+
+def test_a_site_says_how_large_its_reply_was_and_how_fast_it_went(capsys):
+    from tdamil.federation.supernode import _echo_companion, _RunState
+
+    state = _RunState()
+    _echo_companion("2026-12-07 10:00:00 INFO tdamil.client.client_app: Round 2: reply built: 22211529 bytes "
+                    "(22.2 MB) to send; 96 s to the round's deadline.\n", state)
+    assert "reply built" in capsys.readouterr().out  # the ClientApp's own line is shown as it is
+    for line in ("INFO flower-supernode: Sending: train message (ID: ecafac4f)\n",):
+        state.note(line)
+        assert state.reword(line) == line
+    state.sending_since -= 10.0  # the upload took 10 s
+    done = "INFO flower-supernode: Sent successfully\n"
+    state.note(done)
+    shown = state.reword(done)
+    assert shown.startswith(done) and re.search(r"reply sent: 22\.2 MB in 10\.\d s \(~17\.\d Mbit/s\)", shown)
+    assert state.reword(done) == done  # once per reply
 
 
 def test_the_relay_names_a_plaintext_request_and_nothing_else():

@@ -42,6 +42,24 @@ __all__ = ["PatientGrid", "InProcessGrid", "SitesUnavailableError", "LateReply"]
 _CLIENT_APP_RAISED_EXCEPTION = 2  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 _MESSAGE_UNAVAILABLE = 3  # flwr.common.constant.ErrorCode.MESSAGE_UNAVAILABLE
 LATE_WINDOW_S = 600.0  # a reply is still pulled this long (at least the round timeout) after its deadline
+PROGRESS_S = 15.0  # while replies are outstanding, one line naming the sites waited for and the time left
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.1f} MB"
+
+
+def reply_transfer(reply: Message, received: float) -> tuple[int, float | None]:
+    """A reply's bytes (its arrays) and, where it carries the site's "reply built" stamp, the
+    seconds from that stamp to ``received`` (the upload, on the site's clock: NTP keeps it close)."""
+    try:
+        nbytes = sum(int(rec.count_bytes()) for rec in reply.content.array_records.values())
+        built = float(reply.content["metrics"]["time-reply-built"]) if "metrics" in reply.content.metric_records \
+            else math.nan
+    except Exception:  # noqa: BLE001 - an error reply or a malformed one: the intake names it
+        return 0, None
+    upload = received - built
+    return nbytes, upload if math.isfinite(upload) and 0 < upload < 86400 else None
 
 
 @dataclass
@@ -79,6 +97,7 @@ class PatientGrid(Grid):
         self._lock = threading.Condition()
         self._late: list[LateReply] = []
         self._orphans: dict[str, tuple[int, str, int, float]] = {}  # id -> (round, phase, node, deadline passed)
+        self._sent_at = time.time()  # when the current phase's messages were pushed
 
     def set_run(self, run: Run) -> None:
         self.inner.set_run(run)
@@ -90,6 +109,9 @@ class PatientGrid(Grid):
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
                        ttl: float | None = None) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def _site(self, node: int) -> str:
+        return self.known_sites().get(node, (f"node {node}", ""))[0]
 
     def _missing_sites(self, nodes: list[int]) -> str:
         """'site_b (registered), node 42 (took part in round 1)' for the known sites not connected."""
@@ -148,6 +170,7 @@ class PatientGrid(Grid):
         arriving at the deadline is kept from this round; when it comes it is handed to
         :meth:`late_replies` with its ``round_phase``, never to a later round."""
         messages = list(messages)
+        self._sent_at = time.time()
         ids = [str(i) for i in self.push_messages(messages) if i]
         sent = {m.metadata.message_id: m for m in messages if m.metadata.message_id}
         deadline = time.monotonic() + (timeout if timeout is not None else 0.0)
@@ -180,15 +203,24 @@ class PatientGrid(Grid):
     def _pull_in_parallel(self, ids: list[str], deadline: float, timeout: float | None,
                           round_phase: tuple[int, str], nodes: dict[str, int]) -> list[Message]:
         got: dict[str, Message] = {}
+        label = f"Round {round_phase[0]} {round_phase[1]}".strip()
         for mid in ids:
-            threading.Thread(target=self._pull_one, args=(mid, got, deadline, timeout),
+            threading.Thread(target=self._pull_one, args=(mid, got, deadline, timeout, label, nodes.get(mid, 0)),
                              name=f"pull-{mid[:8]}", daemon=True).start()
         with self._lock:
+            next_line = time.monotonic() + PROGRESS_S
             while len(got) < len(ids):
                 left = deadline - time.monotonic()
                 if timeout is not None and left <= 0:
                     break
-                self._lock.wait(None if timeout is None else left)
+                if time.monotonic() >= next_line:  # what an operator watching the round wants to know
+                    next_line = time.monotonic() + PROGRESS_S
+                    waiting = sorted(self._site(nodes.get(mid, 0)) for mid in ids if mid not in got)
+                    until = "" if timeout is None else f"; {left:.0f} s to the round's deadline"
+                    logger.info("%s: %d of %d replies in; waiting for %s%s.", label, len(got), len(ids),
+                                ", ".join(waiting), until)
+                wait = PROGRESS_S if timeout is None else min(left, PROGRESS_S)
+                self._lock.wait(max(min(wait, next_line - time.monotonic()), 0.01))
             replies = [got[mid] for mid in ids if mid in got]
             for mid in ids:
                 if mid not in got:  # from now on its reply is late: the puller hands it to late_replies
@@ -196,7 +228,8 @@ class PatientGrid(Grid):
             got.clear()
         return replies
 
-    def _pull_one(self, mid: str, got: dict[str, Message], deadline: float, timeout: float | None) -> None:
+    def _pull_one(self, mid: str, got: dict[str, Message], deadline: float, timeout: float | None,
+                  label: str = "", node: int = 0) -> None:
         """Pull one message's reply until it arrives, or until ``late_window`` after the deadline
         (a late reply is still pulled, so that it is audited and leaves the SuperLink)."""
         stop = deadline + (max(LATE_WINDOW_S, timeout) if timeout is not None else 0.0)
@@ -217,12 +250,24 @@ class PatientGrid(Grid):
                     else:
                         self._arrived(reply)
                         got[mid] = reply
+                        self._log_arrival(reply, label, node, deadline if timeout is not None else None)
                     self._lock.notify_all()
                 if replies:
                     return
             time.sleep(self.poll_interval if time.monotonic() < deadline else max(self.poll_interval, 1.0))
         with self._lock:
             self._orphans.pop(mid, None)
+
+    def _log_arrival(self, reply: Message, label: str, node: int, deadline: float | None) -> None:
+        """One line per reply: size, when it came, the upload's rate, the time left in the round."""
+        now = time.time()
+        nbytes, upload = reply_transfer(reply, now)
+        if not nbytes:
+            return
+        rate = f", uploaded in {upload:.1f} s (~{nbytes * 8 / upload / 1e6:.1f} Mbit/s)" if upload else ""
+        left = "" if deadline is None else f"; {max(deadline - time.monotonic(), 0.0):.0f} s to the round's deadline"
+        logger.info("%s: reply from %s in: %s, %.1f s after the instruction was sent%s%s.", label, self._site(node),
+                    _mb(nbytes), now - self._sent_at, rate, left)
 
     @staticmethod
     def _deadline_reply(msg: Message, note: str) -> Message:

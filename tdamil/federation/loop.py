@@ -126,6 +126,7 @@ class RoundLoop:
         self.round_token = ""  # fresh per round: replies echo it (a replayed reply does not)
         self.with_train = bool(fed.evaluate_sites and fed.evaluate_with_train)
         self._deadline: float | None = None  # time.monotonic() at which the current round ends
+        self.remote = False  # the sites are other processes (not the simulation's in-process grid)
         self._base: tuple[str, Any] | None = None  # (round token, flat model) of this round's train message
         self._holders: set[int] = set()  # nodes whose train reply came: they kept that model
 
@@ -141,6 +142,8 @@ class RoundLoop:
             "proximal-mu": float(self.fed.proximal_mu if self.fed.strategy == "fedprox" else 0.0),
             "model-spec": self.model_spec,
             "evaluate-global": self.with_train,
+            # over a network the site reports its transfers: when this was sent, how long the round has
+            **({"sent-at": time.time(), "round-timeout-s": float(self.fed.round_timeout_s)} if self.remote else {}),
         })
 
     def evaluate_config(self, layout: dict) -> ConfigRecord:
@@ -148,6 +151,7 @@ class RoundLoop:
                              WIRE_LAYOUT: layout_to_json(layout)})
 
     def run(self, grid: Any, initial_arrays: ArrayRecord, *, resume: bool = False) -> RunResult:
+        self.remote = not getattr(getattr(grid, "inner", grid), "runs_sites_here", False)
         arrays = initial_arrays
         start = 1
         if resume and self.store.last_path.exists():

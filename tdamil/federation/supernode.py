@@ -50,6 +50,7 @@ _MISSED = {"Failed to send message": "its reply did not reach the coordinator",
 # After a coordinator restart (or a finished run) a process of the old run asks with its old task
 # token and is refused: Flower says "authentication failed" / 401, which reads like an attack.
 _STALE_TOKEN = ("task-token authentication failed",)
+_REPLY_BUILT = "reply built:"  # the ClientApp's line before its reply goes (tdamil.client.client_app.REPLY_BUILT)
 
 
 class SuperNodeRejected(RuntimeError):
@@ -69,8 +70,17 @@ class _RunState:
         self.replied = False  # a reply reached the coordinator in this session
         self.busy = False  # a message was received and its reply is not sent yet
         self.waiting = False  # the coordinator left after a finished run; reconnecting quietly
+        self.reply_bytes: Optional[int] = None  # the ClientApp's "reply built: N bytes" line
+        self.sending_since: Optional[float] = None  # the SuperNode's "Sending:" line (time.monotonic())
 
     def note(self, line: str) -> None:
+        if _REPLY_BUILT in line:
+            try:
+                self.reply_bytes = int(line.split(_REPLY_BUILT, 1)[1].split()[0])
+            except (IndexError, ValueError):
+                self.reply_bytes = None
+        if "Sending:" in line:
+            self.sending_since = time.monotonic()
         if "Receiving:" in line:
             self.busy, self.waiting = True, False
         elif "Sent successfully" in line:
@@ -94,6 +104,12 @@ class _RunState:
             return line + (f"{now} WARNING tdamil.client: this site missed the round: {missed} ({reason}). The "
                            "coordinator counts it as missing when the round's deadline passes "
                            "(federation.round_timeout_s); the site takes part again from the next round.\n")
+        if "Sent successfully" in line and self.sending_since is not None:
+            took, size = time.monotonic() - self.sending_since, self.reply_bytes
+            self.sending_since = self.reply_bytes = None
+            if size and took > 0:
+                return line + (f"{now} INFO tdamil.client: reply sent: {size / 1e6:.1f} MB in {took:.1f} s "
+                               f"(~{size * 8 / took / 1e6:.1f} Mbit/s).\n")
         if self.waiting:
             return None if any(m in line for m in _GONE_MARKERS) or not line.strip() else line
         if self.replied and not self.busy and any(m in line for m in _GONE_FOR_GOOD):
@@ -159,7 +175,10 @@ def _run_once(cmd: list[str], env: dict[str, str], hang_grace: float,
 
 
 def _echo_companion(line: str, state: _RunState) -> None:
-    """The warm-start SuperExec's lines; quiet about its lost SuperNode while the site waits for a run."""
+    """The warm-start SuperExec's lines (its ClientApps' among them); quiet about its lost SuperNode
+    while the site waits for a run."""
+    if _REPLY_BUILT in line:
+        state.note(line)
     if not (state.waiting and (any(m in line for m in _GONE_MARKERS) or not line.strip())):
         _echo_line(line, "warm-start")
 
