@@ -5,8 +5,10 @@
 * the recorded run was made with the current configs/sim_digits.yaml (fails when the config changes
   and the figures were not regenerated: ``python benchmarks/readme_figures.py --run``);
 * the simulation is deterministic for a seed: two tiny runs give identical comparison.json files;
-* a fresh main job (every seed) lands inside the quoted spread, mean +- 2 sd over seeds, for
-  federated, centralised and local-only (not one seed's digits: CPUs differ in float order).
+* a fresh run of the main job's first seed lands inside the quoted spread, mean +- 2 sd over
+  seeds, for federated, centralised and local-only (not the seed's recorded digits: CPUs differ in
+  float order). One seed, not all three: the whole job was the suite's longest test (~130 s, 200 s
+  of CPU); ``benchmarks/readme_figures.py --check`` checks a whole run by hand.
 """
 
 from __future__ import annotations
@@ -77,14 +79,16 @@ def test_spread_check_flags_only_a_run_outside_mean_2sd():
 
 @pytest.mark.slow
 def test_fresh_main_job_lands_inside_the_quoted_spread(tmp_path):
-    """The whole main job (208 s of CPU, 142 s on 2 cores, over its three seeds), checked against the README's spread."""
+    """The main job's config as the README runs it, its first seed (~70 s of CPU), checked against the
+    README's spread; a model's fresh figure outside the recorded mean +- 2 sd fails."""
     import subprocess
     import sys
 
     exe = Path(sys.executable).parent / "tdamil-simulate"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "tdamil.simulation.cli"]
-    subprocess.run(cmd + ["--config", str(REPO / "configs" / "sim_digits.yaml"), "--output-dir", str(tmp_path)],
-                   check=True, cwd=REPO, capture_output=True)
+    subprocess.run(cmd + ["--config", str(REPO / "configs" / "sim_digits.yaml"), "--output-dir", str(tmp_path),
+                          "--seeds", "0"], check=True, cwd=REPO, capture_output=True)
     fig = _figures()
     fresh = json.loads((tmp_path / "seeds_summary.json").read_text())
+    assert fresh["seeds"] == 1 and len(fresh["site_mean_auroc"]["federated_auroc"]["seeds"]) == 1
     assert fig.outside_spread(json.loads(fig.RESULTS.read_text()), fresh) == []
