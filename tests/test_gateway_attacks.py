@@ -490,6 +490,15 @@ def _site(world: dict, site: str, port: int) -> list[str]:
             *(["--insecure"] if world["mode"] == "plaintext" else [])]
 
 
+FIRST_CALLS = ("/fleet/pull-messages", "/fleet/send-node-heartbeat")  # what a SuperNode sends once online
+
+
+def _since(path: Path, offset: int) -> str:
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        return fh.read().decode(errors="replace")
+
+
 def assert_a_site_joins(world: dict, site: str, port: int, proxy_log: Path) -> str:
     """A real site (``tdamil-client``) comes online through ``port`` and is stopped; while online,
     it listens on loopback only. Returns what the proxy logged meanwhile."""
@@ -510,12 +519,15 @@ def assert_a_site_joins(world: dict, site: str, port: int, proxy_log: Path) -> s
         if Path("/proc/net/tcp").exists():
             sockets = _listening(node.pid)
             assert sockets and all(ip == "127.0.0.1" for ip, _ in sockets), sockets  # its runtime API only
+        # "online" comes with its activation; its first poll and heartbeat may still be on their way
+        # (on a loaded machine it was stopped before either reached the proxy): wait for them, bounded
+        until = time.monotonic() + 30
+        while time.monotonic() < until and not all(p in _since(proxy_log, seen) for p in FIRST_CALLS):
+            time.sleep(0.2)
     finally:
         stop_group(node)
     time.sleep(1)  # the SuperNode's last calls (deactivate-node) reach the log
-    with open(proxy_log, "rb") as fh:
-        fh.seek(seen)
-        return fh.read().decode(errors="replace")
+    return _since(proxy_log, seen)
 
 
 @pytest.mark.slow
