@@ -32,6 +32,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
+from tdamil.federation.supernode import REPLY_BUILT  # noqa: E402 - the site's supervisor reads the line
 from tdamil.federation.records import (  # noqa: E402
     ARRAYS,
     CONFIG,
@@ -168,9 +169,6 @@ def checked_reply(msg: Message, content: RecordDict, rt: SiteRuntime) -> Message
         raise ValueError(f"Site {rt.name}: the reply was not sent because it breaks the federation's message "
                          f"contract: {problem}. Lower train.lr or set train.max_grad_norm if training diverged.")
     return reply
-
-
-REPLY_BUILT = "reply built:"  # tdamil.federation.supernode reads the byte count after it
 
 
 def _transfer_clock(msg: Message) -> tuple[float, float] | None:

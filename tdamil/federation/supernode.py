@@ -26,7 +26,7 @@ from tdamil.federation.processes import ManagedProcess
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SuperNodeRejected", "supervise_supernode"]
+__all__ = ["REPLY_BUILT", "SuperNodeRejected", "supervise_supernode"]
 
 # Lines after which a Flower 1.42 SuperNode is finished but may not exit by itself.
 _ENDED_MARKERS = ("SuperNode terminated", "Giving up reconnection")
@@ -50,7 +50,8 @@ _MISSED = {"Failed to send message": "its reply did not reach the coordinator",
 # After a coordinator restart (or a finished run) a process of the old run asks with its old task
 # token and is refused: Flower says "authentication failed" / 401, which reads like an attack.
 _STALE_TOKEN = ("task-token authentication failed",)
-_REPLY_BUILT = "reply built:"  # the ClientApp's line before its reply goes (tdamil.client.client_app.REPLY_BUILT)
+# The ClientApp's line before its reply goes (tdamil.client.client_app.log_reply_size): the byte count follows.
+REPLY_BUILT = "reply built:"
 
 
 class SuperNodeRejected(RuntimeError):
@@ -74,9 +75,9 @@ class _RunState:
         self.sending_since: Optional[float] = None  # the SuperNode's "Sending:" line (time.monotonic())
 
     def note(self, line: str) -> None:
-        if _REPLY_BUILT in line:
+        if REPLY_BUILT in line:
             try:
-                self.reply_bytes = int(line.split(_REPLY_BUILT, 1)[1].split()[0])
+                self.reply_bytes = int(line.split(REPLY_BUILT, 1)[1].split()[0])
             except (IndexError, ValueError):
                 self.reply_bytes = None
         if "Sending:" in line:
@@ -177,7 +178,7 @@ def _run_once(cmd: list[str], env: dict[str, str], hang_grace: float,
 def _echo_companion(line: str, state: _RunState) -> None:
     """The warm-start SuperExec's lines (its ClientApps' among them); quiet about its lost SuperNode
     while the site waits for a run."""
-    if _REPLY_BUILT in line:
+    if REPLY_BUILT in line:
         state.note(line)
     if not (state.waiting and (any(m in line for m in _GONE_MARKERS) or not line.strip())):
         _echo_line(line, "warm-start")
