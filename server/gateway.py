@@ -62,6 +62,7 @@ FLEET_PATHS = frozenset(f"/v1/fleet/{name}" for name in (
     "confirm-message-received",
 ))
 REFUSED_BODY = b"Not found: this address serves the Fleet API only.\n"
+HEADERS_AT = "tdamil.headers_at"  # scope extension: time.monotonic() when the request headers were complete
 MAX_BODY = 64 * 1024 * 1024  # Flower sends model payloads in ~5 MiB objects; nginx.conf uses the same cap
 READ_WHOLE = 64 * 1024  # a body up to this size is read before the upstream call (uvicorn's read window)
 LINGER = 1.0  # s a connection refused outside h11 keeps reading (and dropping) before it closes
@@ -219,9 +220,9 @@ class _Body:
     """The request body as ASGI messages arrive, each wait bounded: no byte for ``body_idle_timeout``
     s, or an average under ``body_min_rate`` bytes/s after that, ends the request (408)."""
 
-    def __init__(self, receive: Any, limits: Limits) -> None:
+    def __init__(self, receive: Any, limits: Limits, start: Optional[float] = None) -> None:
         self.receive, self.limits = receive, limits
-        self.start, self.size, self.more = time.monotonic(), 0, True
+        self.start, self.size, self.more = time.monotonic() if start is None else start, 0, True
 
     async def chunk(self) -> bytes:
         now, lim = time.monotonic(), self.limits
@@ -295,11 +296,15 @@ class FleetGateway:
             raise _Refused(413, f"body over {MAX_BODY} bytes")
         share = min(MAX_BODY if declared is None else declared, lim.large_body_budget)
         share = share if share > lim.large_body else 0
+        # the body's limits count from the complete headers (the protocol's stamp; a busy loop may
+        # start this app later), plus any time the gateway itself kept the body waiting for budget
+        start, waiting = scope.get("extensions", {}).get(HEADERS_AT, time.monotonic()), time.monotonic()
         if share and not await self.budget.acquire(share, lim.body_idle_timeout):
             raise _Refused(503, f"{lim.large_body_budget} bytes of large bodies already in flight for "
                                 f"{lim.body_idle_timeout:g} s")
         try:
-            await self._forward(path, scope, _Body(receive, lim), declared, client, send)
+            body = _Body(receive, lim, start + time.monotonic() - waiting)
+            await self._forward(path, scope, body, declared, client, send)
         finally:
             if share:
                 self.budget.release(share)

@@ -17,13 +17,14 @@ import logging
 import signal
 import socket
 import ssl
+import time
 from collections import Counter
 from typing import Any, Callable, Optional
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from tdamil.server.gateway import _HEAD_END, LINGER, FleetGateway, Limits, _raw_answer
+from tdamil.server.gateway import _HEAD_END, HEADERS_AT, LINGER, FleetGateway, Limits, _raw_answer
 
 logger = logging.getLogger("tdamil.server.gateway")  # one log stream with the gateway's own lines
 
@@ -63,6 +64,8 @@ class _Protocol(H11Protocol):
                 return
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE and self.head_timer is not None:
+            if self.scope is not None:  # the body limits count from here, not from when the app runs
+                self.scope.setdefault("extensions", {})[HEADERS_AT] = time.monotonic()
             self.head_timer.cancel()
             self.head_timer, self.head, self.lines = None, b"", 0
 
