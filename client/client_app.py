@@ -60,7 +60,7 @@ from tdamil.federation.task import (  # noqa: E402
     local_train,
     model_to_arrays,
 )
-from tdamil.federation.timeline import process_start_time  # noqa: E402
+from tdamil.federation.timeline import STAMP_REPLY_BUILT, process_start_time  # noqa: E402
 from tdamil.federation.wire import open_instruction, pack_reply  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ def make_client_app(provider: SiteProvider) -> ClientApp:
         val = local_evaluate(model, rt.data.val)
         stamps["time-local-evaluated"] = time.time()
         arrays = model_to_arrays(model)
-        stamps["time-reply-built"] = time.time()
+        stamps[STAMP_REPLY_BUILT] = time.time()
         values = {WEIGHT_KEY: len(rt.data.train), **stats, **{f"global-{k}": v for k, v in glob.items()},
                   **{f"val-{k}": v for k, v in val.items()}, **stamps}
         content = RecordDict({ARRAYS: arrays, METRICS: to_metric_record(values, train_metric_keys()),
@@ -259,7 +259,7 @@ def make_client_app(provider: SiteProvider) -> ClientApp:
         handshake(msg, context, rt)
         model = _model(msg, rt, stamps)
         val = local_evaluate(model, rt.data.val)
-        stamps["time-global-evaluated"] = stamps["time-reply-built"] = time.time()
+        stamps["time-global-evaluated"] = stamps[STAMP_REPLY_BUILT] = time.time()
         values = {WEIGHT_KEY: len(rt.data.val) if rt.data.val is not None else 0, **val, **stamps}
         content = RecordDict({METRICS: to_metric_record(values, eval_metric_keys()), SITE: _site_record(msg, context, rt)})
         return checked_reply(msg, content, rt)

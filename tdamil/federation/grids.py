@@ -35,6 +35,9 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from tdamil.federation.records import METRICS
+from tdamil.federation.timeline import STAMP_REPLY_BUILT
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["PatientGrid", "InProcessGrid", "SitesUnavailableError", "LateReply"]
@@ -54,8 +57,8 @@ def reply_transfer(reply: Message, received: float) -> tuple[int, float | None]:
     seconds from that stamp to ``received`` (the upload, on the site's clock: NTP keeps it close)."""
     try:
         nbytes = sum(int(rec.count_bytes()) for rec in reply.content.array_records.values())
-        built = float(reply.content["metrics"]["time-reply-built"]) if "metrics" in reply.content.metric_records \
-            else math.nan
+        metrics = reply.content.metric_records
+        built = float(metrics[METRICS][STAMP_REPLY_BUILT]) if METRICS in metrics else math.nan
     except Exception:  # noqa: BLE001 - an error reply or a malformed one: the intake names it
         return 0, None
     upload = received - built

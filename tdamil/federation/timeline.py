@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SITE_STAMPS", "SEGMENTS", "process_start_time", "site_segments", "RoundClock", "round_table",
+__all__ = ["SITE_STAMPS", "STAMP_REPLY_BUILT", "SEGMENTS", "process_start_time", "site_segments", "RoundClock", "round_table",
            "TABLE_COLUMNS"]
 
 # The site's stamps, in the order they happen in one ClientApp run (reply metric keys).
@@ -37,6 +37,8 @@ SITE_STAMPS: tuple[str, ...] = (
     "time-local-evaluated",   # the trained model was evaluated on the validation split
     "time-reply-built",       # the reply's arrays and metrics are ready
 )
+
+STAMP_REPLY_BUILT = SITE_STAMPS[-1]  # also the coordinator's start of a reply's upload (grids.reply_transfer)
 
 # Segment name -> the stamp that ends it ("received" is the coordinator's stamp).
 SEGMENTS: tuple[tuple[str, str], ...] = (
