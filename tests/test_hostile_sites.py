@@ -33,7 +33,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TINY = {"name": "tdamil", "dim": 32, "depth": 1, "num_heads": 2}
 # two rounds are enough for every behaviour (the replay needs a round after the one it replays); the
 # honest federation below runs three, where late updates are nearly orthogonal and a screen could
-# mistake an honest one for an attack
+# mistake an honest one for an attack. The behaviours train one local epoch per round (as
+# configs/server.yaml; the screens compare the updates with each other); the honest federation
+# trains two, so that its honest updates drift further apart.
 ROUNDS = 2
 HOSTILE = "site_c"
 
@@ -53,7 +55,7 @@ def _run(tmp_path: Path, names: list[str], tamper: Callable[[int, Message, Messa
     from tdamil.simulation.engines import run_federation
 
     cfg = SimConfig(model=dict(TINY), output_dir=tmp_path, baselines=False)
-    settings = dict(rounds=ROUNDS, lr=1e-3, local_epochs=2, min_sites=len(names), min_replies=2, round_timeout_s=60,
+    settings = dict(rounds=ROUNDS, lr=1e-3, local_epochs=1, min_sites=len(names), min_replies=2, round_timeout_s=60,
                     wait_for_sites_s=5, evaluate_sites=True) | fed
     cfg.federation = FederationConfig(**settings)
     sims = _sites(names)
@@ -242,7 +244,7 @@ def test_a_hostile_site_is_dropped_audited_by_name_and_the_others_go_on(behaviou
 @pytest.mark.slow
 def test_an_honest_federation_drops_nobody(tmp_path):
     """The screens are not trigger-happy: three honest sites, every reply aggregated every round."""
-    setup, events = _run(tmp_path, ["site_a", "site_b", HOSTILE], rounds=3)
+    setup, events = _run(tmp_path, ["site_a", "site_b", HOSTILE], rounds=3, local_epochs=2)
     assert [e for e in events if e["event"] == "failure"] == []
     assert sorted(e["round"] for e in events if e["event"] == "aggregated") == [1, 2, 3]
     assert all(e["sites"] == ["site_a", "site_b", HOSTILE] for e in events if e["event"] == "aggregated")
