@@ -308,6 +308,47 @@ def test_gateway_answers_413_over_the_body_cap_and_503_without_superlink(monkeyp
     assert asyncio.run(call(b"012345"))[0]["status"] == 503  # forwarded; nothing listens upstream
 
 
+@pytest.mark.parametrize("case", ["headers stamped 0.8 s before the app ran", "0.8 s waiting for the body budget"])
+def test_a_body_clock_starts_at_its_complete_headers_plus_the_gateways_own_wait(case):
+    """A body's limit (here 1 s until its first byte) counts from the headers' stamp that the
+    connection layer puts in the scope, not from when a busy loop runs the app; time the gateway
+    itself keeps the body waiting for its large-body budget does not count against the client."""
+    import asyncio
+    import time
+
+    import tdamil.server.gateway as gw
+
+    async def call() -> list[dict]:
+        limits = gw.Limits(body_idle_timeout=1.0, large_body=10, large_body_budget=100)
+        app, sent = gw.FleetGateway(f"http://127.0.0.1:{free_port()}", limits=limits), []
+        stamp = time.monotonic()
+        if case.startswith("headers"):
+            stamp -= 0.8
+        else:  # another large body holds the whole budget for 0.8 s
+            assert await app.budget.acquire(100, 0.0)
+            asyncio.get_running_loop().call_later(0.8, app.budget.release, 100)
+
+        async def receive():  # the first body byte comes 0.5 s after the app asks for it
+            await asyncio.sleep(0.5)
+            return {"type": "http.request", "body": b"x" * 50, "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "raw_path": b"/v1/fleet/push-object", "query_string": b"",
+                 "headers": [(b"host", b"x"), (b"content-length", b"50")], "client": ("127.0.0.1", 5),
+                 "extensions": {gw.HEADERS_AT: stamp}}
+        await app(scope, receive, send)
+        await app.client.aclose()
+        return sent
+
+    status = asyncio.run(call())[0]["status"]
+    if case.startswith("headers"):
+        assert status == 408  # 0.8 s + 0.5 s since the headers: over the 1 s
+    else:
+        assert status == 503  # read in time (the wait was the gateway's), then forwarded; nothing listens upstream
+
+
 # ---- the real coordinator ---------------------------------------------------------------------------
 def _control(world: dict):
     from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
