@@ -220,9 +220,9 @@ class _Body:
     """The request body as ASGI messages arrive, each wait bounded: no byte for ``body_idle_timeout``
     s, or an average under ``body_min_rate`` bytes/s after that, ends the request (408)."""
 
-    def __init__(self, receive: Any, limits: Limits, start: Optional[float] = None) -> None:
+    def __init__(self, receive: Any, limits: Limits, start: float) -> None:
         self.receive, self.limits = receive, limits
-        self.start, self.size, self.more = time.monotonic() if start is None else start, 0, True
+        self.start, self.size, self.more = start, 0, True  # start: time.monotonic() the limits count from
 
     async def chunk(self) -> bytes:
         now, lim = time.monotonic(), self.limits

@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SITE_STAMPS", "STAMP_REPLY_BUILT", "SEGMENTS", "process_start_time", "site_segments", "RoundClock", "round_table",
-           "TABLE_COLUMNS"]
+__all__ = ["SITE_STAMPS", "STAMP_REPLY_BUILT", "SEGMENTS", "process_start_time", "site_segments", "RoundClock",
+           "round_table", "TABLE_COLUMNS"]
 
 # The site's stamps, in the order they happen in one ClientApp run (reply metric keys).
 SITE_STAMPS: tuple[str, ...] = (
